@@ -1,0 +1,65 @@
+"""The one interface the guidance solver needs from a rectified flow.
+
+A backend owns its models and its window math; the solver only walks windows.
+Keeping this surface small is what lets the same solver drive PeRFlow,
+2-rectified flow / InstaFlow and the toy digits flow.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    """Encoded prompts for one batch, computed once and reused by every window step.
+
+    `tensors` is backend specific (text embeddings, class labels, SDXL added ids);
+    `batch` is the number of images the conditioning produces.
+    """
+
+    batch: int
+    guidance_scale: float
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+
+class RectifiedFlow(ABC):
+    """A frozen few-step flow: noise z_0 -> latent z_K in `num_windows` differentiable steps."""
+
+    num_windows: int
+    latent_channels: int
+    vae_scale_factor: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
+        """Encode positive/negative prompts once (classifier-free guidance scale included)."""
+
+    @abstractmethod
+    def step(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
+        """Advance window k (0-based, noise side first) with CFG; differentiable w.r.t. z."""
+
+    @abstractmethod
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Final latent -> image [B,3,H,W] in 0..1; differentiable."""
+
+    @abstractmethod
+    def window_gammas(self) -> list[float] | None:
+        """Per-window gamma_k = sqrt(abar_start/abar_end), or None for a plain Euler flow."""
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Latent shape for an image size; rejects sizes the VAE cannot produce."""
+        f = self.vae_scale_factor
+        for name, value in (("width", width), ("height", height)):
+            if value <= 0 or value % f:
+                raise ValueError(
+                    f"{name} {value} is not a positive multiple of {f} (the VAE downscale factor); "
+                    f"try {max(f, round(value / f) * f)}"
+                )
+        if batch < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch}")
+        return (batch, self.latent_channels, height // f, width // f)

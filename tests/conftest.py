@@ -1,0 +1,8 @@
+"""Shared test setup: make the tests folder importable for the tiny-model builders."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
