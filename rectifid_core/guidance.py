@@ -17,6 +17,17 @@ Modes (paper Sec. 4.3):
              guidance step, nothing ties the solution to the previous anchor.
   noise_gd   DOODL / D-Flow style gradient descent on the initial noise
              (SGD, momentum, l2 pull toward the sampled noise).
+Accelerated solvers of the same anchored fixed-point problem (solvers.py;
+benchmark/results/convergence.md measures them against the anchored rule):
+  anchored_momentum  heavy ball on the offsets (offset_momentum=0 is anchored).
+  anchored_anderson  Anderson acceleration (anderson_memory=0 is anchored).
+
+Memory: memory="checkpoint" stores only each window's input and recomputes the
+window's model call and the VAE decode during the backward pass (about one
+extra forward per iteration for a fraction of the activation memory);
+`choose_memory_mode` picks it from the free memory (memory="auto" does that
+with CUDA's free memory; callers with their own view of free memory, such as
+ComfyUI's model management, call it themselves).
 """
 from __future__ import annotations
 
@@ -25,13 +36,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .flows.base import Conditioning, RectifiedFlow
 from .objectives.base import Objective, as_output
+from .solvers import AndersonUpdate, MomentumUpdate, UpdateRule, anchored_update, unanchored_update
 
 LEGACY_CK = 0.95796674  # the released SD1.5 code's constant for every window
-SOLVER_MODES = ("anchored", "no_anchor", "noise_gd")
+SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum", "anchored_anderson")
 CK_MODES = ("per_window", "legacy", "one")
+MEMORY_MODES = ("store", "checkpoint", "auto")
 
 
 @dataclass
@@ -42,16 +56,71 @@ class GuidanceConfig:
     ck_mode: str = "per_window"
     momentum: float = 0.9  # noise_gd only
     l2: float = 1.0  # noise_gd only
+    memory: str = "store"  # "checkpoint": recompute window calls and decode in the backward; "auto"
+    offset_momentum: float = 0.7  # anchored_momentum only
+    anderson_memory: int = 2  # anchored_anderson only
 
     def validate(self) -> None:
         if self.mode not in SOLVER_MODES:
             raise ValueError(f"unknown solver mode {self.mode!r}; choose one of {', '.join(SOLVER_MODES)}")
         if self.ck_mode not in CK_MODES:
             raise ValueError(f"unknown c_k mode {self.ck_mode!r}; choose one of {', '.join(CK_MODES)}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {self.memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations N must be an integer >= 0, got {self.iterations!r}")
         if not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"guidance scale s must be a finite number >= 0, got {self.scale!r}")
+
+
+# Activations kept for the backward at 4 bytes per value (fp32; fp16/bf16 keep half):
+# "window" = one classifier-free-guided window call, "decode" = the VAE decode, in
+# bytes per latent element (C*h*w) plus bytes per image ("*_fixed": text features,
+# the recognizer). Fitted on the real architectures at two image sizes by
+# `python -m rectifid_core.benchmark` (torch allocation accounting, SDPA attention);
+# see benchmark/results/README.md.
+ACTIVATION_BYTES = {
+    "sd15": {"window": 187_900, "window_fixed": 15_400_000, "decode": 364_400, "fixed": 111_600_000},
+}
+
+
+def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_windows: int, family: str = "sd15",
+                            dtype: torch.dtype = torch.float16) -> dict[str, int]:
+    """Activation memory of one guidance iteration (weights excluded) for each memory mode."""
+    if family not in ACTIVATION_BYTES:
+        raise ValueError(f"no activation estimate for model family {family!r}; "
+                         f"choose one of {', '.join(ACTIVATION_BYTES)}")
+    per = ACTIVATION_BYTES[family]
+    batch, n = latent_shape[0], math.prod(latent_shape)
+    width = torch.finfo(dtype).bits / 32
+    window = (per["window"] * n + per["window_fixed"] * batch) * width
+    dec = per["decode"] * n * width
+    fixed = per["fixed"] * batch * width
+    inputs = 4 * n * (num_windows + 1)  # the window inputs a checkpointed rollout keeps
+    return {"store": int(num_windows * window + dec + fixed), "checkpoint": int(max(window, dec) + fixed + inputs)}
+
+
+def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_windows: int, family: str = "sd15",
+                       dtype: torch.dtype = torch.float16, headroom: float = 0.85) -> str:
+    """Pick "store" when its activations fit in `headroom` of the free memory, else "checkpoint"."""
+    if free_bytes < 0:
+        raise ValueError(f"free memory must be >= 0 bytes, got {free_bytes}")
+    need = estimate_guidance_bytes(latent_shape, num_windows, family, dtype)
+    return "store" if need["store"] <= headroom * free_bytes else "checkpoint"
+
+
+def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[int, ...]) -> str:
+    """Resolve "auto" from the device's free memory (CUDA); on other devices "auto" means store."""
+    if memory != "auto":
+        return memory
+    device = torch.device(flow.device)
+    if device.type != "cuda":
+        return "store"
+    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
+    if family not in ACTIVATION_BYTES:
+        return "checkpoint"  # no measured estimate: take the choice that fits
+    free, _ = torch.cuda.mem_get_info(device)
+    return choose_memory_mode(free, latent_shape, flow.num_windows, family, flow.dtype)
 
 
 @dataclass
@@ -85,7 +154,7 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 
 
 def anchor_coefficients(flow: RectifiedFlow, ck_mode: str) -> list[float]:
-    """c_k per window: sqrt(1-gamma_k^2) (intended), the released constant, or 1 (Euler flows)."""
+    """c_k per window: the flow's intended value, the released SD1.5 constant, or 1."""
     k = flow.num_windows
     if ck_mode == "legacy":
         return [LEGACY_CK] * k
@@ -93,10 +162,7 @@ def anchor_coefficients(flow: RectifiedFlow, ck_mode: str) -> list[float]:
         return [1.0] * k
     if ck_mode != "per_window":
         raise ValueError(f"unknown c_k mode {ck_mode!r}; choose one of {', '.join(CK_MODES)}")
-    gammas = flow.window_gammas()
-    if gammas is None:
-        return [1.0] * k
-    return [math.sqrt(max(0.0, 1.0 - g * g)) for g in gammas]
+    return list(flow.anchor_coefficients())
 
 
 def normalize_window_grad(g: torch.Tensor) -> torch.Tensor:
@@ -105,15 +171,38 @@ def normalize_window_grad(g: torch.Tensor) -> torch.Tensor:
     return g / norm.view(-1, *([1] * (g.dim() - 1)))
 
 
-def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor,
-            offsets: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Walk all windows applying the offsets; returns z_K and every window's input state."""
+def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor, offsets: list[torch.Tensor],
+            checkpoint: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Walk all windows applying the offsets; returns z_K and every window's input state.
+
+    With `checkpoint` (and grad enabled) each window call keeps only its input and
+    is recomputed during the backward pass.
+    """
     z = z0
     starts = []
+    recompute = checkpoint and torch.is_grad_enabled()
     for k in range(flow.num_windows):
         starts.append(z)
-        z = flow.step(z, k, cond) + offsets[k].to(z.dtype)
+        out = _checkpoint(flow.step, z, k, cond, use_reentrant=False) if recompute else flow.step(z, k, cond)
+        z = out + offsets[k].to(z.dtype)
     return z, starts
+
+
+def decode(flow: RectifiedFlow, z: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """flow.decode, optionally recomputed in the backward pass instead of storing the VAE activations."""
+    if checkpoint and torch.is_grad_enabled():
+        return _checkpoint(flow.decode, z, use_reentrant=False)
+    return flow.decode(z)
+
+
+def _offset_rule(config: GuidanceConfig) -> UpdateRule:
+    if config.mode == "no_anchor":
+        return unanchored_update
+    if config.mode == "anchored_momentum":
+        return MomentumUpdate(config.offset_momentum)
+    if config.mode == "anchored_anderson":
+        return AndersonUpdate(config.anderson_memory)
+    return anchored_update
 
 
 def _check_inputs(flow: RectifiedFlow, noise: torch.Tensor, cond: Conditioning) -> None:
@@ -137,6 +226,8 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     config.validate()
     _check_inputs(flow, noise, cond)
     ck = anchor_coefficients(flow, config.ck_mode)
+    update = _offset_rule(config)
+    recompute = resolve_memory_mode(config.memory, flow, tuple(noise.shape)) == "checkpoint"
     z0 = noise.detach()
     work = torch.float32
     offsets = [torch.zeros_like(z0, dtype=work) for _ in range(flow.num_windows)]
@@ -144,12 +235,16 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     velocity = torch.zeros_like(z0, dtype=work)
     result = GuidanceResult(latent=z0, image=z0)
 
+    last_good = (offsets, noise_offset)  # update rules return new tensors, so no copies are needed
     for it in range(config.iterations):
+        scored = (offsets, noise_offset)
         with torch.enable_grad():
             start = (z0.to(work) + noise_offset).to(z0.dtype).requires_grad_(True)
-            z_final, starts = rollout(flow, cond, start, offsets)
-            out = as_output(objective(flow.decode(z_final)))
+            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute)
+            out = as_output(objective(decode(flow, z_final, checkpoint=recompute)))
             loss = out.loss.float().sum()
+            grads = torch.autograd.grad(loss, starts)
+            # one host sync per iteration, after the backward has been queued
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 if it == 0:
@@ -157,29 +252,27 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
                         f"the objective returned a non-finite loss ({loss_value}) at the first iteration; "
                         "check the reference embedding and the model dtype (fp16 overflow?)"
                     )
-                result.stopped_early = f"non-finite loss ({loss_value}) at iteration {it}; kept iteration {it - 1}"
+                result.stopped_early = (f"non-finite loss ({loss_value}) at iteration {it}; "
+                                        f"kept the iterate scored at iteration {it - 1}")
+                offsets, noise_offset = last_good
                 break
-            grads = torch.autograd.grad(loss, starts)
+            last_good = scored
         current = z_final.detach()
         del z_final, starts, loss
-        if not all(torch.isfinite(g).all() for g in grads):
+        if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             if it == 0:
                 raise RuntimeError("non-finite gradient at the first iteration; try fp32 or a smaller guidance scale")
-            result.stopped_early = f"non-finite gradient at iteration {it}; kept iteration {it - 1}"
+            result.stopped_early = f"non-finite gradient at iteration {it}; kept the iterate scored there"
             break
         ghat = [normalize_window_grad(g.float()) for g in grads]
         del grads
 
-        if config.mode == "anchored":
-            for k in range(flow.num_windows):
-                offsets[k] -= ck[k] * config.scale * ghat[k]
-        elif config.mode == "no_anchor":
-            for k in range(flow.num_windows):
-                offsets[k] = -ck[k] * config.scale * ghat[k]
-        else:  # noise_gd: SGD with momentum and l2 toward the sampled noise
+        if config.mode == "noise_gd":  # SGD with momentum and l2 toward the sampled noise
             d = ghat[0] + config.l2 * noise_offset
             velocity = config.momentum * velocity + d
             noise_offset = noise_offset - config.scale * velocity
+        else:
+            offsets = update(offsets, [-ck[k] * config.scale * g for k, g in enumerate(ghat)])
 
         result.losses.append(loss_value)
         result.diagnostics.append(out.diagnostics)

@@ -6,6 +6,7 @@ Keeping this surface small is what lets the same solver drive PeRFlow,
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,18 @@ class RectifiedFlow(ABC):
     @abstractmethod
     def window_gammas(self) -> list[float] | None:
         """Per-window gamma_k = sqrt(abar_start/abar_end), or None for a plain Euler flow."""
+
+    def anchor_coefficients(self) -> list[float]:
+        """The intended c_k of the anchored update, one per window.
+
+        It rescales a guidance step taken at a window's start into an offset at its
+        end, so it depends on how the window is parameterized; the default covers
+        eps windows with gammas (sqrt(1 - gamma_k^2)) and plain Euler flows (1).
+        """
+        gammas = self.window_gammas()
+        if gammas is None:
+            return [1.0] * self.num_windows
+        return [math.sqrt(max(0.0, 1.0 - g * g)) for g in gammas]
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent shape for an image size; rejects sizes the VAE cannot produce."""

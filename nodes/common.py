@@ -1,0 +1,71 @@
+"""Type adaptation shared by the node classes: ComfyUI tensors <-> core tensors, autograd under ComfyUI.
+
+ComfyUI runs every node inside torch.inference_mode(). Tensors made there are
+inference tensors and can never join an autograd graph, yet RectifID needs
+gradients through the flow and the discriminator. So models are loaded, and
+the sampler runs, inside `autograd_enabled()`, and IMAGE inputs are copied
+into normal tensors with `image_to_core`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+CATEGORY = "RectifID"
+
+# custom socket types shown in the UI
+FLOW = "RECTIFIED_FLOW"
+DISCRIMINATOR = "RECTIFID_DISCRIMINATOR"
+SUBJECT = "RECTIFID_SUBJECT"
+OBJECTIVE = "RECTIFID_OBJECTIVE"
+
+
+@contextlib.contextmanager
+def autograd_enabled() -> Iterator[None]:
+    """Leave ComfyUI's inference mode and turn gradients on for the duration of the block."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def image_to_core(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] 0..1 -> normal (non-inference) float tensor [B,3,H,W] on the CPU."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"expected a ComfyUI IMAGE [batch, height, width, channels], got {shape}")
+    with torch.inference_mode(False):
+        out = image.detach().to("cpu", torch.float32).clone().movedim(-1, 1)
+        if out.shape[1] == 1:
+            out = out.expand(-1, 3, -1, -1)
+        return out[:, :3].clamp(0, 1).contiguous()
+
+
+def image_to_comfy(image: torch.Tensor) -> torch.Tensor:
+    """Core [B,3,H,W] 0..1 -> ComfyUI IMAGE [B,H,W,3] float32 on the CPU."""
+    return image.detach().to("cpu", torch.float32).movedim(1, -1).clamp(0, 1).contiguous()
+
+
+def mask_to_core(mask: torch.Tensor) -> torch.Tensor:
+    """ComfyUI MASK [B,H,W] or [H,W] -> normal float tensor [B,H,W]."""
+    with torch.inference_mode(False):
+        out = mask.detach().to("cpu", torch.float32).clone()
+        return out.unsqueeze(0) if out.dim() == 2 else out
+
+
+@dataclass
+class Subject:
+    """One reference: its per-subject objective and the name shown in similarity reports."""
+
+    objective: Any
+    label: str
+    kind: str
+
+
+@dataclass
+class ObjectiveBundle:
+    """The sampler's single input type: an objective plus the subject names it reports on."""
+
+    objective: Any
+    labels: list[str] = field(default_factory=list)

@@ -1,0 +1,38 @@
+"""Benchmark results as JSON (everything) and a markdown table (the numbers people compare)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One row per configuration; memory columns say what was measured on that device."""
+    env = results[0]["environment"] if results else {}
+    head = (f"Device: {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
+            f"diffusers {env.get('diffusers', '?')}, CPU threads {env.get('cpu_threads', '?')}\n\n")
+    rows = ["| family | width | size | batch | K | dtype | memory | mode | s/it | floor s | overhead "
+            "| CUDA peak MiB | CPU torch peak MiB | RSS peak +MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["settings"]
+        rows.append(
+            f"| {s['family']} | {s['width_scale']} | {s['size']} | {s['batch']} | {s['windows']} | {s['dtype']} "
+            f"| {s['memory']} | {s['mode']} | {r['seconds_per_iteration']:.4f} | {r['floor_seconds']:.4f} "
+            f"| {r['overhead']:.3f} | {_mib(r['cuda_peak_allocated_bytes'])} | {_mib(r['cpu_profiled_peak_bytes'])} "
+            f"| {_mib(r['rss_peak_above_start_bytes'])} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def write_results(results: list[dict[str, Any]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
+    """Write `<name>.json` and `<name>.md` under out_dir; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    json_path.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    md_path.write_text(markdown_table(results), encoding="utf-8")
+    return json_path, md_path

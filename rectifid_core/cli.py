@@ -1,0 +1,257 @@
+"""Command line for RectifID without ComfyUI: same pipeline, same seeds, same images as the nodes.
+
+    python -m rectifid_core --flow models/diffusers/perflow-sd15-dreamshaper \\
+        --faces models/insightface --subject face:alice=alice.jpg \\
+        --prompt "a photo of a person in a snowy park" --iterations 20 --output out/alice.png
+
+A subject is KIND[:LABEL]=IMAGE[,IMAGE...] with KIND face (needs --faces), object
+(needs --dinov2 and --owlvit; LABEL names it for the detector, e.g. object:dog=dog.jpg)
+or clip (needs --clip). Several --subject options make one image with several subjects.
+Writes one PNG per prompt and batch image, and a JSON file with the loss and the
+similarities per iteration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo
+from .objectives.faces import FACE_SELECTIONS
+from .pipeline import (SUBJECT_KINDS, PersonalizeSettings, auto_dtype, load_clip_discriminator,
+                       load_face_discriminator, load_object_discriminator, multi_subject_objective, personalize,
+                       subject_objective, unique_labels)
+
+class UsageError(ValueError):
+    """Bad command-line input; reported without a traceback, exit status 2."""
+
+
+@dataclass
+class SubjectSpec:
+    kind: str
+    label: str
+    images: list[Path]
+
+
+def parse_subject(text: str) -> SubjectSpec:
+    """KIND[:LABEL]=IMAGE[,IMAGE...] -> SubjectSpec (the image files are checked to exist)."""
+    head, sep, paths = text.partition("=")
+    if not sep or not paths.strip():
+        raise UsageError(f"--subject {text!r}: expected KIND[:LABEL]=IMAGE[,IMAGE...], e.g. face=alice.jpg "
+                         "or object:dog=dog1.jpg,dog2.jpg")
+    kind, _, label = head.partition(":")
+    kind = kind.strip().lower()
+    if kind not in SUBJECT_KINDS:
+        raise UsageError(f"--subject {text!r}: unknown kind {kind!r}; use one of {', '.join(SUBJECT_KINDS)}")
+    images = [Path(p.strip()).expanduser() for p in paths.split(",") if p.strip()]
+    for path in images:
+        if not path.is_file():
+            raise UsageError(f"--subject {text!r}: reference image not found: {path}")
+    if kind == "object" and not label.strip():
+        raise UsageError(f"--subject {text!r}: an object subject needs a label naming it for the detector, "
+                         "e.g. object:dog=dog.jpg")
+    return SubjectSpec(kind, label.strip() or ("person" if kind == "face" else kind), images)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rectifid", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    m = p.add_argument_group("models (local folders; nothing is downloaded)")
+    m.add_argument("--flow", required=True, type=Path,
+                   help="diffusers folder of a rectified flow (PeRFlow, InstaFlow, 2-rectified flow)")
+    m.add_argument("--flow-type", default="auto", help="auto, perflow or euler_velocity (default auto)")
+    m.add_argument("--prediction-type", default="auto", help="PeRFlow prediction type (default auto)")
+    m.add_argument("--faces", type=Path, help="insightface folder holding antelopev2 (face subjects)")
+    m.add_argument("--provider", default="auto", help="onnxruntime provider for the face detector (default auto)")
+    m.add_argument("--dinov2", type=Path, help="transformers DINOv2 folder (object subjects)")
+    m.add_argument("--owlvit", type=Path, help="transformers OWL-ViT folder (object subjects)")
+    m.add_argument("--clip", type=Path, help="transformers CLIP vision folder (clip subjects)")
+    m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    m.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
+                   help="weights precision (default: fp16 on a GPU, fp32 on the CPU)")
+
+    s = p.add_argument_group("subjects")
+    s.add_argument("--subject", action="append", required=True, metavar="KIND[:LABEL]=IMAGE[,IMAGE...]",
+                   help="a reference subject; repeat for several subjects in one image")
+    s.add_argument("--weight", action="append", type=float, metavar="W",
+                   help="per-subject weight, in --subject order (several subjects only; default 1)")
+    s.add_argument("--l1-weight", type=float, default=0.0,
+                   help="objects: pixel L1 weight on the crop, ~1000 for rigid objects (default 0)")
+    s.add_argument("--selection", default="largest", choices=FACE_SELECTIONS,
+                   help="single face subject: which face in the generated image is steered (default largest)")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several outputs")
+    g.add_argument("--negative", default="", help="negative prompt (default empty)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--windows", type=int, default=4, help="K flow windows (default 4)")
+    g.add_argument("--iterations", type=int, default=20, help="N guidance iterations: 20 fast, 50, 100 best")
+    g.add_argument("--scale", type=float, default=None,
+                   help="guidance scale s (default 1.0 for faces, 2.0 when an object subject is present)")
+    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance (3.0 PeRFlow, 1.5 2-RF)")
+    g.add_argument("--ck-mode", default="per_window", choices=CK_MODES)
+    g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
+    g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+                   help="store: keep activations (fastest); checkpoint: recompute them in the backward pass "
+                        "(less VRAM, slower); auto: store if it fits in free GPU memory (default)")
+
+    o = p.add_argument_group("output")
+    o.add_argument("--output", type=Path, default=Path("rectifid.png"),
+                   help="PNG path; with several prompts or images, _PP_BB is added before the suffix")
+    o.add_argument("--history", type=Path, help="JSON of losses/similarities (default: OUTPUT with .json)")
+    o.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def _check_dir(path: Path | None, flag: str, needed_for: str) -> Path:
+    if path is None:
+        raise UsageError(f"{needed_for} needs {flag}")
+    if not path.expanduser().is_dir():
+        raise UsageError(f"{flag} {path}: folder not found")
+    return path.expanduser()
+
+
+def output_paths(output: Path, prompts: int, batch: int) -> list[list[Path]]:
+    """One path per prompt and batch image; the plain path when there is only one image."""
+    if prompts == 1 and batch == 1:
+        return [[output]]
+    suffix = output.suffix or ".png"
+    return [[output.with_name(f"{output.stem}_{i:02d}_{b:02d}{suffix}") for b in range(batch)]
+            for i in range(prompts)]
+
+
+class StderrProgress:
+    """One rewritten stderr line per prompt: iteration, loss, similarity per subject, elapsed time."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled, self.start = label, enabled, time.monotonic()
+
+    def __call__(self, info: IterationInfo) -> None:
+        if not self.enabled:
+            return
+        sims = info.diagnostics.get("similarity")
+        shown = ""
+        if isinstance(sims, list) and sims and not isinstance(sims[0], list):
+            sims = [sims]
+        if isinstance(sims, list) and sims:
+            values = [v for v in sims[0] if v is not None]
+            shown = "  similarity " + " ".join(f"{v:.3f}" for v in values) if values else "  (subject not found)"
+        elapsed = time.monotonic() - self.start
+        sys.stderr.write(f"\r{self.label} iteration {info.iteration + 1}/{info.iterations}  "
+                         f"loss {info.loss:.3f}{shown}  {elapsed:.0f}s ")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load everything once, then personalize every prompt; returns the history written to JSON."""
+    from .flows import load_flow
+    from .images import load_image
+
+    specs = [parse_subject(s) for s in args.subject]
+    if args.weight is not None and (len(specs) == 1 or len(args.weight) != len(specs)):
+        raise UsageError(f"--weight is per subject in a multi-subject run: got {len(args.weight)} weights for "
+                         f"{len(specs)} subjects")
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    flow_dir = _check_dir(args.flow, "--flow", "the flow")
+    kinds = {s.kind for s in specs}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
+        torch.device(args.device)
+    discriminators = {}
+    if "face" in kinds:
+        discriminators["face"] = load_face_discriminator(_check_dir(args.faces, "--faces", "a face subject"),
+                                                         provider=args.provider, device=device)
+    if "object" in kinds:
+        discriminators["object"] = load_object_discriminator(
+            _check_dir(args.dinov2, "--dinov2", "an object subject"),
+            _check_dir(args.owlvit, "--owlvit", "an object subject"), device=device)
+    if "clip" in kinds:
+        discriminators["clip"] = load_clip_discriminator(_check_dir(args.clip, "--clip", "a clip subject"),
+                                                         device=device)
+    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
+    flow = load_flow(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type, dtype=dtype,
+                     device=device, num_windows=args.windows)
+
+    objectives = []
+    for spec in specs:
+        refs = [t for path in spec.images for t in load_image(path).split(1)]
+        objectives.append(subject_objective(discriminators[spec.kind], refs, label=spec.label,
+                                            selection=args.selection, l1_weight=args.l1_weight))
+    labels = unique_labels([s.label for s in specs])
+    objective = objectives[0] if len(specs) == 1 else multi_subject_objective(
+        objectives, [s.kind for s in specs], labels, args.weight)
+    scale = args.scale if args.scale is not None else (2.0 if "object" in kinds else 1.0)
+    if not math.isfinite(scale):
+        raise UsageError(f"--scale must be finite, got {scale}")
+    config = GuidanceConfig(scale=scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
+                            memory=args.memory)
+
+    paths = output_paths(args.output, len(args.prompt), args.batch_size)
+    history = {"flow": str(flow_dir), "subjects": [{**asdict(s), "images": [str(p) for p in s.images]}
+                                                   for s in specs],
+               "settings": {"seed": args.seed, "width": args.width, "height": args.height,
+                            "windows": args.windows, "iterations": args.iterations, "scale": scale, "cfg": args.cfg,
+                            "ck_mode": args.ck_mode, "solver": args.solver, "negative": args.negative},
+               "runs": []}
+    for i, prompt in enumerate(args.prompt):
+        settings = PersonalizeSettings(prompt=prompt, negative_prompt=args.negative, width=args.width,
+                                       height=args.height, seed=args.seed, batch_size=args.batch_size,
+                                       cfg_scale=args.cfg, num_windows=args.windows, guidance=config)
+        progress = StderrProgress(f"[{i + 1}/{len(args.prompt)}]", not args.quiet)
+        result = personalize(flow, objective, settings, callback=progress, labels=labels)
+        progress.done()
+        for b, path in enumerate(paths[i]):
+            _save_png(result.images[b], path)
+        history["runs"].append({"prompt": prompt, "images": [str(p) for p in paths[i]], **result.history()})
+        if not args.quiet:
+            sims = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} not found"
+                             for k, v in result.final_similarities.items())
+            sys.stderr.write(f"wrote {', '.join(str(p) for p in paths[i])}  (similarity: {sims or 'n/a'})\n")
+    history_path = args.history or args.output.with_suffix(".json")
+    history_path.parent.mkdir(parents=True, exist_ok=True)
+    history_path.write_text(json.dumps(history, indent=1), encoding="utf-8")
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `rectifid` / `python -m rectifid_core`; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write(f"rectifid: error: {exc}\n")
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        sys.stderr.write(f"\nrectifid: error: {exc}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("\nrectifid: interrupted\n")
+        return 130
+    return 0

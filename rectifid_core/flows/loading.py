@@ -1,0 +1,274 @@
+"""Load a rectified flow from a local diffusers-format folder, detecting which kind it is.
+
+Each component is loaded on its own with `from_pretrained(..., local_files_only=True)`
+rather than through a pipeline class: PeRFlow folders name a `PeRFlowScheduler`
+that diffusers does not ship, and InstaFlow / 2-rectified-flow folders name a
+`RectifiedFlowPipeline` that lives outside diffusers. The scheduler config is
+only read for its betas, `prediction_type` and `num_time_windows`.
+
+Detection (each step can be overridden by the caller):
+- flow type: model_index.json `_class_name` RectifiedFlowPipeline / InstaFlowPipeline
+  -> "euler_velocity"; scheduler `_class_name` PeRFlowScheduler -> "perflow"; otherwise
+  the folder name ("perflow" -> perflow; "instaflow", "rectified_flow", "2rflow" ->
+  euler_velocity); otherwise an error asking for an explicit flow type.
+- PeRFlow prediction type: the scheduler's own value when it is a PeRFlow one
+  (diff_eps / ddim_eps / velocity); "v_prediction" -> velocity (SD2.1); anything else
+  (the public SD1.5 PeRFlow folders carry SD's "epsilon") -> ddim_eps for SDXL, diff_eps
+  otherwise, which is how PeRFlow's own scripts sample those checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import RectifiedFlow
+from .euler import EulerVelocityFlow
+from .perflow import PeRFlow
+from .schedule import PERFLOW_PREDICTIONS, perflow_timesteps
+from .stable_diffusion import StableDiffusionComponents, vae_dtype
+
+FLOW_TYPES = ("auto", "perflow", "euler_velocity")
+PREDICTION_TYPES = ("auto",) + PERFLOW_PREDICTIONS
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+_EULER_PIPELINES = ("RectifiedFlowPipeline", "InstaFlowPipeline")
+_EULER_NAME_HINTS = ("instaflow", "rectified_flow", "rectified-flow", "2rflow", "2_rflow", "2-rflow")
+_WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model", "text_encoder_2": "model"}
+_PARTS = {
+    "model_index.json": "the pipeline index (model_index.json) naming the components",
+    "unet": "the UNet2DConditionModel (config.json + diffusion_pytorch_model*.safetensors)",
+    "vae": "the AutoencoderKL (config.json + diffusion_pytorch_model*.safetensors)",
+    "text_encoder": "the CLIP text encoder (config.json + model*.safetensors)",
+    "tokenizer": "the CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json)",
+    "scheduler": "the scheduler config (scheduler_config.json)",
+    "text_encoder_2": "SDXL's second CLIP text encoder with projection (config.json + model*.safetensors)",
+    "tokenizer_2": "SDXL's second CLIP tokenizer",
+}
+
+
+@dataclass
+class FlowFolderInfo:
+    """What `inspect_flow_folder` found, and why (shown to the user by the loader node)."""
+
+    path: Path
+    architecture: str  # "sd" or "sdxl"
+    flow_type: str  # "perflow" or "euler_velocity"
+    prediction_type: str | None  # PeRFlow only
+    num_windows: int
+    pipeline_class: str | None
+    scheduler_class: str | None
+    scheduler_config: dict[str, Any] = field(repr=False, default_factory=dict)
+    force_zeros_for_empty_prompt: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        pred = f", prediction {self.prediction_type}" if self.prediction_type else ""
+        lines = [f"{self.path.name}: {self.flow_type} ({self.architecture}{pred}, {self.num_windows} windows)"]
+        return "\n".join(lines + [f"- {r}" for r in self.reasons])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def _check_parts(root: Path, sdxl: bool) -> None:
+    needed = {"model_index.json": root / "model_index.json",
+              "unet": root / "unet" / "config.json", "vae": root / "vae" / "config.json",
+              "text_encoder": root / "text_encoder" / "config.json", "tokenizer": root / "tokenizer",
+              "scheduler": root / "scheduler" / "scheduler_config.json"}
+    if sdxl:
+        needed.update(text_encoder_2=root / "text_encoder_2" / "config.json", tokenizer_2=root / "tokenizer_2")
+    missing = [f"{path} ({_PARTS[part]})" for part, path in needed.items() if not path.exists()]
+    missing += [f"{root / part} has no weights ({_PARTS[part]})" for part, stem in _WEIGHT_STEMS.items()
+                if part in needed and (root / part).is_dir() and not _weight_files(root / part, stem)]
+    missing += [f"{root / part} has neither tokenizer.json nor vocab.json ({_PARTS[part]})"
+                for part in ("tokenizer", "tokenizer_2") if part in needed and (root / part).is_dir()
+                and not any((root / part / name).exists() for name in ("tokenizer.json", "vocab.json"))]
+    if missing:
+        raise FileNotFoundError(f"{root} is not a complete diffusers folder; missing:\n  " + "\n  ".join(missing))
+
+
+def _weight_files(folder: Path, stem: str) -> list[str]:
+    pattern = re.compile(rf"^(?:pytorch_)?{re.escape(stem)}(\.[\w-]+)?\.(safetensors|bin)(\.index(\.[\w-]+)?\.json)?$")
+    return sorted(p.name for p in folder.iterdir() if pattern.match(p.name))
+
+
+def _variant(folder: Path, stem: str, dtype: torch.dtype) -> str | None:
+    """The weights variant to load (e.g. PeRFlow SDXL ships only `*.v0-fix.safetensors`)."""
+    names = _weight_files(folder, stem)
+    variants = set()
+    for name in names:
+        parts = name.split(".")
+        if parts[-1] == "json":  # model.safetensors.index[.variant].json
+            variants.add(parts[-2] if parts[-2] != "index" else None)
+        else:
+            variants.add(parts[1] if len(parts) == 3 else None)
+    if None in variants or not variants:
+        return None
+    preferred = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    return preferred if preferred in variants else sorted(variants)[0]
+
+
+def _detect_flow_type(root: Path, pipeline_class: str | None, scheduler_class: str | None,
+                      reasons: list[str]) -> str:
+    if pipeline_class in _EULER_PIPELINES:
+        reasons.append(f"model_index.json names {pipeline_class} (InstaFlow / 2-rectified flow): Euler velocity")
+        return "euler_velocity"
+    if scheduler_class == "PeRFlowScheduler":
+        reasons.append("the scheduler is PeRFlowScheduler: PeRFlow")
+        return "perflow"
+    name = root.name.lower()
+    if "perflow" in name:
+        reasons.append(f"folder name {root.name!r} contains 'perflow': PeRFlow")
+        return "perflow"
+    if any(hint in name for hint in _EULER_NAME_HINTS):
+        reasons.append(f"folder name {root.name!r} suggests InstaFlow / 2-rectified flow: Euler velocity")
+        return "euler_velocity"
+    raise ValueError(
+        f"cannot tell which rectified flow {root} holds (pipeline {pipeline_class}, scheduler {scheduler_class}); "
+        f"choose the flow type explicitly: one of {', '.join(FLOW_TYPES[1:])}")
+
+
+def _detect_prediction(scheduler_pred: str | None, sdxl: bool, reasons: list[str]) -> str:
+    if scheduler_pred in PERFLOW_PREDICTIONS:
+        reasons.append(f"scheduler prediction_type {scheduler_pred}")
+        return scheduler_pred
+    if scheduler_pred == "v_prediction":
+        reasons.append("scheduler prediction_type v_prediction (SD2.1 PeRFlow): velocity")
+        return "velocity"
+    chosen = "ddim_eps" if sdxl else "diff_eps"
+    reasons.append(f"scheduler prediction_type {scheduler_pred!r} is not a PeRFlow one; "
+                   f"{'SDXL' if sdxl else 'SD1.x'} PeRFlow checkpoints use {chosen}")
+    return chosen
+
+
+def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
+                        prediction_type: str = "auto") -> FlowFolderInfo:
+    """Detect architecture, flow type, prediction type and window count without loading weights.
+
+    Raises FileNotFoundError naming every missing part, ValueError when detection fails.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder; expected a diffusers-format model folder "
+                                f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    if flow_type not in FLOW_TYPES:
+        raise ValueError(f"unknown flow_type {flow_type!r}; expected one of {', '.join(FLOW_TYPES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    index_path = root / "model_index.json"
+    index = _read_json(index_path) if index_path.exists() else {}
+    sdxl = "text_encoder_2" in index or (root / "text_encoder_2").exists()
+    _check_parts(root, sdxl)
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    pipeline_class = index.get("_class_name")
+    scheduler_class = scheduler_config.get("_class_name")
+    reasons: list[str] = []
+    if flow_type == "auto":
+        flow_type = _detect_flow_type(root, pipeline_class, scheduler_class, reasons)
+    else:
+        reasons.append(f"flow type {flow_type} chosen by the user")
+    pred: str | None = None
+    if flow_type == "perflow":
+        if prediction_type == "auto":
+            pred = _detect_prediction(scheduler_config.get("prediction_type"), sdxl, reasons)
+        else:
+            pred = prediction_type
+            reasons.append(f"prediction type {pred} chosen by the user")
+    elif prediction_type not in ("auto", "velocity"):
+        raise ValueError(f"an Euler velocity flow predicts velocity; prediction_type {prediction_type!r} "
+                         "only applies to PeRFlow")
+    return FlowFolderInfo(
+        path=root, architecture="sdxl" if sdxl else "sd", flow_type=flow_type, prediction_type=pred,
+        num_windows=int(scheduler_config.get("num_time_windows", 4)) if flow_type == "perflow" else 4,
+        pipeline_class=pipeline_class, scheduler_class=scheduler_class, scheduler_config=scheduler_config,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)), reasons=reasons)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Parse "fp32"/"fp16"/"bf16"; fp16 on the CPU falls back to fp32 (many CPU kernels lack fp16)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)} or a torch.dtype")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; expected torch.float32, float16 or bfloat16")
+    if dtype == torch.float16 and device.type == "cpu":
+        warnings.warn("fp16 is not supported well on the CPU; loading the flow in fp32 instead", stacklevel=3)
+        return torch.float32
+    return dtype
+
+
+def load_components(info: FlowFolderInfo, dtype: torch.dtype) -> StableDiffusionComponents:
+    """Load the models of an inspected folder on the CPU in `dtype` (the SDXL VAE as its config asks)."""
+    # imported here: diffusers/transformers take seconds to import, the rest of the package does not need them
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = info.path
+    sdxl = info.architecture == "sdxl"
+    upcast = bool(_read_json(root / "vae" / "config.json").get("force_upcast", False))
+    part_dtype = {"vae": vae_dtype(sdxl, upcast, dtype)}
+
+    def model(cls: Any, part: str) -> Any:
+        folder = root / part
+        # diffusers and transformers 5 name the dtype argument differently
+        dtype_arg = {"torch_dtype" if part in ("unet", "vae") else "dtype": part_dtype.get(part, dtype)}
+        return cls.from_pretrained(folder, local_files_only=True, variant=_variant(folder, _WEIGHT_STEMS[part], dtype),
+                                   **dtype_arg)
+
+    def tokenizer(part: str) -> Any:
+        return CLIPTokenizer.from_pretrained(root / part, local_files_only=True)
+
+    return StableDiffusionComponents(
+        unet=model(UNet2DConditionModel, "unet"), vae=model(AutoencoderKL, "vae"),
+        text_encoder=model(CLIPTextModel, "text_encoder"), tokenizer=tokenizer("tokenizer"),
+        text_encoder_2=model(CLIPTextModelWithProjection, "text_encoder_2") if sdxl else None,
+        tokenizer_2=tokenizer("tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt)
+
+
+def load_flow(path: str | Path, *, flow_type: str = "auto", prediction_type: str = "auto",
+              dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
+              num_windows: int | None = None, steps: int | None = None) -> RectifiedFlow:
+    """Load a PeRFlow or Euler-velocity (InstaFlow / 2-rectified flow) model from a local diffusers folder.
+
+    flow_type: "auto" | "perflow" | "euler_velocity"; prediction_type: "auto" | "diff_eps" |
+    "ddim_eps" | "velocity" (PeRFlow only). num_windows K defaults to the scheduler's
+    num_time_windows (PeRFlow) or 4; steps (model calls in total) defaults to K and must be
+    >= K for PeRFlow; an Euler flow has one window per step, so steps and num_windows name the
+    same number there. device defaults to cuda when available. Never downloads anything.
+    """
+    info = inspect_flow_folder(path, flow_type=flow_type, prediction_type=prediction_type)
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = resolve_dtype(dtype, device)
+    for name, value in (("num_windows", num_windows), ("steps", steps)):
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+    if info.flow_type == "perflow":
+        k = int(num_windows) if num_windows is not None else info.num_windows
+        n = int(steps) if steps is not None else k
+        perflow_timesteps(k, n)  # rejects bad steps before any weights are read
+        components = load_components(info, torch_dtype)
+        return PeRFlow(components, info.scheduler_config, info.prediction_type, num_windows=k, steps=n,
+                       device=device, dtype=torch_dtype)
+
+    if num_windows is not None and steps is not None and int(num_windows) != int(steps):
+        raise ValueError(f"an Euler velocity flow has one window per step; got num_windows={num_windows} "
+                         f"and steps={steps}")
+    k = int(num_windows if num_windows is not None else steps if steps is not None else info.num_windows)
+    components = load_components(info, torch_dtype)
+    return EulerVelocityFlow(components, num_windows=k, device=device, dtype=torch_dtype,
+                             num_train_timesteps=int(info.scheduler_config.get("num_train_timesteps", 1000)))

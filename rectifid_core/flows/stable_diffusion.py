@@ -1,0 +1,158 @@
+"""Shared machinery of the Stable-Diffusion-family flows (SD1.x, SD2.x, SDXL UNets).
+
+PeRFlow and the Euler velocity flows differ only in their window math; prompt
+encoding, the classifier-free-guided UNet call and VAE decoding live here so
+both backends use one implementation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Conditioning, RectifiedFlow
+from .schedule import cfg_combine
+
+
+@dataclass
+class StableDiffusionComponents:
+    """The frozen models of one diffusers folder; `text_encoder_2`/`tokenizer_2` only for SDXL."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+def _prompt_lists(prompts: list[str], negative_prompts: list[str]) -> tuple[list[str], list[str]]:
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if isinstance(negative_prompts, str) or not all(isinstance(p, str) for p in negative_prompts):
+        raise ValueError(f"negative_prompts must be a list of strings, got {negative_prompts!r}")
+    negatives = list(negative_prompts)
+    if len(negatives) == 0:
+        negatives = [""] * len(prompts)
+    elif len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    elif len(negatives) != len(prompts):
+        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                         "give none, one, or one per prompt")
+    return list(prompts), negatives
+
+
+def vae_dtype(is_sdxl: bool, force_upcast: bool, dtype: torch.dtype) -> torch.dtype:
+    """fp16 overflows the SDXL VAE (config force_upcast); the reference decodes bf16 SDXL in fp32 too."""
+    return torch.float32 if is_sdxl and force_upcast and dtype != torch.float32 else dtype
+
+
+class StableDiffusionFlow(RectifiedFlow):
+    """A flow over a diffusers UNet2DConditionModel + AutoencoderKL + CLIP text encoder(s).
+
+    All parameters are frozen and in eval mode; gradients flow only to the latent.
+    Subclasses implement `step` and `window_gammas` with `predict` as their model.
+    """
+
+    def __init__(self, components: StableDiffusionComponents, num_windows: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        if num_windows < 1:
+            raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+        self.components = components
+        self.num_windows = int(num_windows)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.vae_dtype = vae_dtype(components.is_sdxl, getattr(components.vae.config, "force_upcast", False), dtype)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(components, name)
+            if module is None:
+                continue
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=self.device)
+            target = self.vae_dtype if name == "vae" else dtype
+            if module.dtype != target:
+                module.to(dtype=target)
+        self.latent_channels = int(components.unet.config.in_channels)
+        self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.components.is_sdxl
+
+    def _tokens(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def _encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings (and SDXL's pooled embedding) for a list of prompts."""
+        c = self.components
+        if not c.is_sdxl:
+            return c.text_encoder(self._tokens(c.tokenizer, texts))[0], None
+        hidden, pooled = [], None
+        for tokenizer, encoder in ((c.tokenizer, c.text_encoder), (c.tokenizer_2, c.text_encoder_2)):
+            out = encoder(self._tokens(tokenizer, texts), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
+        """Encode once under no_grad; the unconditional half is skipped when the scale is exactly 1."""
+        prompts, negatives = _prompt_lists(prompts, negative_prompts)
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        with torch.no_grad():
+            embeds, pooled = self._encode_texts(prompts)
+            tensors: dict[str, Any] = {}
+            if float(guidance_scale) != 1.0:
+                neg_embeds, neg_pooled = self._encode_texts(negatives)
+                if self.is_sdxl and self.components.force_zeros_for_empty_prompt:
+                    empty = torch.tensor([n == "" for n in negatives], device=self.device).view(-1, 1, 1)
+                    neg_embeds = neg_embeds.masked_fill(empty, 0.0)
+                    neg_pooled = neg_pooled.masked_fill(empty.view(-1, 1), 0.0)
+                embeds = torch.cat([neg_embeds, embeds])
+                if pooled is not None:
+                    pooled = torch.cat([neg_pooled, pooled])
+            tensors["embeds"] = embeds.to(self.dtype)
+            if pooled is not None:
+                tensors["pooled"] = pooled.to(self.dtype)
+        return Conditioning(batch=len(prompts), guidance_scale=float(guidance_scale), tensors=tensors)
+
+    def predict(self, z: torch.Tensor, timestep: float, cond: Conditioning) -> torch.Tensor:
+        """The UNet's output at `timestep`, classifier-free guided (one batched call)."""
+        if z.shape[0] != cond.batch:
+            raise ValueError(f"latent batch {z.shape[0]} does not match the conditioning batch {cond.batch}")
+        guided = cond.guidance_scale != 1.0
+        x = torch.cat([z, z]) if guided else z
+        x = x.to(self.dtype)
+        t = torch.full((x.shape[0],), float(timestep), device=self.device)
+        kwargs: dict[str, Any] = {}
+        if self.is_sdxl:
+            h, w = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
+            # original size = target size = the image size, no crop (the pipeline default)
+            time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.tensors["pooled"],
+                                           "time_ids": time_ids.expand(x.shape[0], 6)}
+        out = self.components.unet(x, t, encoder_hidden_states=cond.tensors["embeds"], **kwargs).sample
+        out = out.to(z.dtype)
+        if not guided:
+            return out
+        uncond, positive = out.chunk(2)
+        return cfg_combine(uncond, positive, cond.guidance_scale)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE decode to [B,3,H,W] float32 in 0..1, clamped like the diffusers image postprocessing."""
+        vae = self.components.vae
+        latent = z.to(self.vae_dtype) / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None:
+            latent = latent + shift
+        image = vae.decode(latent).sample
+        return (image.float() / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,140 @@
+"""Image conversion for the core: everything becomes float [B,3,H,W] in 0..1 RGB.
+
+Reference photos arrive in every mode PIL knows (scans in CMYK, 16-bit PNGs,
+palette GIFs, cut-outs with transparency); detectors and encoders want plain
+RGB, so the conversion lives in one place.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
+
+ALPHA_MODES = ("white", "black", "drop")
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def pil_to_tensor(image: Image.Image, *, alpha: str = "white") -> torch.Tensor:
+    """PIL image of any mode -> [1,3,H,W] float 0..1.
+
+    alpha: "white" composites transparent pixels on white (cut-out subjects
+    usually sit on a light backdrop and detectors treat black as shadow),
+    "black" on black, "drop" ignores the alpha channel (keeps the hidden RGB).
+    16-bit modes ('I;16*', and 'I' as PIL opens 16-bit PNGs) are scaled from
+    0..65535; 'F' is taken as 0..1 when its maximum is <= 1, else 0..255.
+    """
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {ALPHA_MODES}, got {alpha!r}")
+    mode = image.mode
+    if mode in _SIXTEEN_BIT:
+        gray = np.asarray(image, dtype=np.float64) / 65535.0
+        return _gray_to_tensor(np.clip(gray, 0.0, 1.0))
+    if mode == "F":
+        gray = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if gray.size == 0 or np.nanmax(gray) <= 1.0 else 255.0
+        return _gray_to_tensor(np.clip(np.nan_to_num(gray / scale), 0.0, 1.0))
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        rgba = np.asarray(image, dtype=np.float32) / 255.0
+        rgb, a = rgba[..., :3], rgba[..., 3:]
+        if alpha == "white":
+            rgb = rgb * a + (1.0 - a)
+        elif alpha == "black":
+            rgb = rgb * a
+        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _gray_to_tensor(gray: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(gray.astype(np.float32))
+    return t.expand(3, *t.shape).unsqueeze(0).contiguous()
+
+
+def load_image(path: Union[str, os.PathLike], *, alpha: str = "white") -> torch.Tensor:
+    """Read an image file -> [1,3,H,W] float 0..1."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    with Image.open(path) as im:
+        im.load()
+        return pil_to_tensor(im, alpha=alpha)
+
+
+def to_image_batch(image: ImageLike, *, alpha: str = "white") -> torch.Tensor:
+    """PIL / numpy HWC or HW / torch [3,H,W] or [B,3,H,W] -> float [B,3,H,W] 0..1.
+
+    uint8 and uint16 arrays are scaled by their type's range; float arrays and
+    tensors must already be 0..1 and are checked, because a 0..255 float image
+    silently saturates every detector.
+    """
+    if isinstance(image, Image.Image):
+        return pil_to_tensor(image, alpha=alpha)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"numpy image must be HW or HWC with 1, 3 or 4 channels, got shape {image.shape}")
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 255.0
+        elif arr.dtype == np.uint16:
+            arr = arr.astype(np.float32) / 65535.0
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+        return to_image_batch(t, alpha=alpha)
+    if isinstance(image, torch.Tensor):
+        t = image.unsqueeze(0) if image.ndim == 3 else image
+        if t.ndim != 4 or t.shape[1] not in (1, 3, 4):
+            raise ValueError(f"tensor image must be [3,H,W] or [B,C,H,W] with C in 1,3,4, got {tuple(image.shape)}")
+        t = t.float()
+        if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1.0 + 1e-3):
+            raise ValueError(
+                f"tensor image values must lie in 0..1, got min {float(t.min()):.3g} max {float(t.max()):.3g}"
+            )
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        elif t.shape[1] == 4:
+            rgb, a = t[:, :3], t[:, 3:]
+            t = {"white": rgb * a + (1 - a), "black": rgb * a, "drop": rgb}[alpha]
+        return t.clamp(0.0, 1.0).contiguous()
+    raise TypeError(f"unsupported image type {type(image).__name__}; expected PIL image, numpy array or tensor")
+
+
+def ensure_min_size(image: torch.Tensor, min_side: int, *, upscale: bool = True, what: str = "image") -> torch.Tensor:
+    """Upscale (bicubic, aspect kept) or reject an image whose short side is below `min_side`."""
+    h, w = image.shape[-2:]
+    if min(h, w) >= min_side:
+        return image
+    if not upscale or min(h, w) < 1:
+        raise ValueError(f"{what} is {w}x{h} pixels; at least {min_side} pixels on the short side are needed")
+    scale = min_side / min(h, w)
+    size = (max(min_side, round(h * scale)), max(min_side, round(w * scale)))
+    return F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """[3,H,W] 0..1 -> uint8 HWC RGB for detectors that run outside torch."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected [3,H,W], got {tuple(image.shape)}")
+    arr = (image.detach().float().clamp(0, 1) * 255.0).round().byte()
+    return arr.permute(1, 2, 0).cpu().numpy()
+
+
+def as_reference_list(images: Union[ImageLike, Sequence[ImageLike]], *, alpha: str = "white") -> list[torch.Tensor]:
+    """One or several reference images (of different sizes) -> list of [1,3,H,W]."""
+    if isinstance(images, (list, tuple)):
+        out = [t for im in images for t in to_image_batch(im, alpha=alpha).split(1)]
+    else:
+        out = list(to_image_batch(images, alpha=alpha).split(1))
+    if not out:
+        raise ValueError("no reference image given")
+    return out

@@ -1,0 +1,332 @@
+"""One personalization call shared by the ComfyUI nodes, the CLI and Python users.
+
+prompts -> encode once -> seeded noise -> anchored guidance -> images, latent,
+per-iteration history and the final similarity of every subject. Keeping this
+in one place is what makes a node graph, `python -m rectifid_core` and a script
+give the same image for the same seed.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .flows.base import RectifiedFlow
+from .guidance import GuidanceConfig, GuidanceResult, IterationInfo, guide, initial_noise
+from .objectives.base import Objective, as_output
+
+
+@dataclass
+class PersonalizeSettings:
+    """Everything besides the models; defaults are the paper's (K=4, N=20, s=1, CFG 3, 512x512)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int = 0
+    batch_size: int = 1
+    cfg_scale: float = 3.0
+    num_windows: int | None = None  # None keeps the flow's own K
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+    def validate(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise ValueError("the prompt is empty; describe the image, e.g. 'a photo of a person at the beach'")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 1.0:
+            raise ValueError(f"CFG scale must be a finite number >= 1, got {self.cfg_scale!r}")
+        if self.num_windows is not None and (not isinstance(self.num_windows, int) or self.num_windows < 1):
+            raise ValueError(f"windows K must be an integer >= 1, got {self.num_windows!r}")
+        self.guidance.validate()
+
+
+@dataclass
+class PersonalizeResult:
+    images: torch.Tensor  # [B,3,H,W] float32 in 0..1, on the CPU
+    latent: torch.Tensor  # z_K as the flow's VAE expects it (scaled), on the CPU
+    losses: list[float]  # objective loss per iteration (summed over the batch)
+    similarities: dict[str, list[float | None]]  # subject label -> mean similarity per iteration
+    final_similarities: dict[str, float | None]  # subject label -> mean similarity of the output
+    final_loss: float | None
+    stopped_early: str | None
+
+    def history(self) -> dict[str, Any]:
+        """JSON-friendly record (the CLI writes it next to the images)."""
+        return {
+            "losses": self.losses,
+            "similarities": self.similarities,
+            "final_similarities": self.final_similarities,
+            "final_loss": self.final_loss,
+            "stopped_early": self.stopped_early,
+        }
+
+
+ProgressCallback = Callable[[IterationInfo], None]
+
+
+def with_windows(flow: RectifiedFlow, num_windows: int | None) -> RectifiedFlow:
+    """The same frozen models walked in `num_windows` windows, without touching the caller's flow.
+
+    ComfyUI caches a loader's output, so the sampler must never change the cached flow;
+    a backend that can re-window itself offers `with_windows(k)` returning a new flow.
+    """
+    if num_windows is None or num_windows == flow.num_windows:
+        return flow
+    if num_windows < 1:
+        raise ValueError(f"windows K must be >= 1, got {num_windows}")
+    rewindow = getattr(flow, "with_windows", None)
+    if rewindow is None:
+        raise ValueError(
+            f"this {type(flow).__name__} was loaded with K={flow.num_windows} windows and cannot change it "
+            f"after loading; set windows to {flow.num_windows}"
+        )
+    return rewindow(int(num_windows))
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().mean().item() if value.numel() else None
+    if isinstance(value, (int, float)) and math.isfinite(float(value)):
+        return float(value)
+    return None
+
+
+def unique_labels(labels: list[str]) -> list[str]:
+    """Subject names as report keys: blanks become "subject j", repeats get their position ("person #2")."""
+    names = [label.strip() or f"subject {j + 1}" for j, label in enumerate(labels)]
+    return [f"{n} #{j + 1}" if names.count(n) > 1 else n for j, n in enumerate(names)]
+
+
+def subject_similarities(diagnostics: dict[str, Any], labels: list[str] | None = None) -> dict[str, float | None]:
+    """Mean (over the batch) similarity per subject from an objective's diagnostics.
+
+    Understands diagnostics["similarity"] as a number, a list per image, or a list per
+    image of lists per subject (the multi-subject combiner); None where a subject was not found.
+    """
+    sim = diagnostics.get("similarity")
+    if sim is None:
+        return {}
+    if isinstance(sim, torch.Tensor):
+        sim = sim.detach().float().cpu().tolist()
+    if not isinstance(sim, (list, tuple)):
+        sim = [sim]
+    per_image = [s if isinstance(s, (list, tuple)) else [s] for s in sim]
+    n = max((len(s) for s in per_image), default=0)
+    names = unique_labels(labels) if labels and len(labels) == n else [f"subject {j + 1}" for j in range(n)]
+    out: dict[str, float | None] = {}
+    for j, name in enumerate(names):
+        values = [v for v in (_as_float(s[j]) if j < len(s) else None for s in per_image) if v is not None]
+        out[name] = sum(values) / len(values) if values else None
+    return out
+
+
+def personalize(flow: RectifiedFlow, objective: Objective, settings: PersonalizeSettings,
+                callback: ProgressCallback | None = None, labels: list[str] | None = None) -> PersonalizeResult:
+    """Generate `batch_size` images of `prompt` steered towards the objective's reference(s).
+
+    `callback` sees every iteration (progress, previews); raising from it cancels.
+    `labels` names the subjects in the similarity history (default "subject 1", ...).
+    """
+    settings.validate()
+    flow = with_windows(flow, settings.num_windows)
+    shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
+    cond = flow.encode([settings.prompt] * settings.batch_size, [settings.negative_prompt] * settings.batch_size,
+                       settings.cfg_scale)
+    noise = initial_noise(shape, settings.seed, flow.device, flow.dtype)
+    result: GuidanceResult = guide(flow, cond, objective, noise, settings.guidance, callback)
+
+    per_iteration = [subject_similarities(d, labels) for d in result.diagnostics]
+    names = list(dict.fromkeys(k for d in per_iteration for k in d))
+    similarities = {name: [d.get(name) for d in per_iteration] for name in names}
+    with torch.no_grad():
+        final = as_output(objective(result.image.to(flow.device)))
+    final_loss = _as_float(final.loss.sum())
+    return PersonalizeResult(
+        images=result.image.float().cpu(),
+        latent=result.latent.float().cpu(),
+        losses=list(result.losses),
+        similarities=similarities,
+        final_similarities=subject_similarities(final.diagnostics, labels),
+        final_loss=final_loss,
+        stopped_early=result.stopped_early,
+    )
+
+
+# -- discriminators and per-subject objectives ----------------------------------------------------
+
+SUBJECT_KINDS = ("face", "object", "clip")
+INSTALL_HINT = ("install the pack's requirements with the Python that runs ComfyUI (or the CLI): "
+                "python -m pip install -r requirements.txt")
+
+
+@dataclass
+class Discriminator:
+    """Loaded models that judge one kind of subject: "face" (antelopev2), "object" (DINOv2 + OWL-ViT), "clip"."""
+
+    kind: str
+    models: dict[str, Any]
+    description: str
+
+
+def auto_dtype(device: torch.device | str) -> str:
+    """fp16 on a GPU (half the memory, the speed of the paper's setup), fp32 on the CPU."""
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def _missing(exc: ImportError, what: str) -> RuntimeError:
+    return RuntimeError(f"{what} needs the Python package '{exc.name or exc}', which is not installed; {INSTALL_HINT}")
+
+
+def load_face_discriminator(path: str | os.PathLike, provider: str = "auto",
+                            device: torch.device | str = "cpu") -> Discriminator:
+    """antelopev2 (SCRFD via onnxruntime on `provider`, ArcFace in torch on `device`) from its folder."""
+    try:
+        from .objectives import load_face_models
+        models = load_face_models(path, provider=provider, device=device)
+    except ImportError as exc:
+        raise _missing(exc, "loading the face models") from exc
+    return Discriminator("face", {"faces": models},
+                         f"faces ({os.path.basename(os.fspath(path))}, {', '.join(models.providers)})")
+
+
+def load_object_discriminator(dinov2_path: str | os.PathLike, owlvit_path: str | os.PathLike,
+                              device: torch.device | str = "cpu") -> Discriminator:
+    """DINOv2 (identity feature) + OWL-ViT (finds the subject) from transformers folders."""
+    try:
+        from .objectives import load_dinov2, load_owlvit
+        models = {"encoder": load_dinov2(dinov2_path, device=device),
+                  "detector": load_owlvit(owlvit_path, device=device)}
+    except ImportError as exc:
+        raise _missing(exc, "loading the object models") from exc
+    names = " + ".join(os.path.basename(os.fspath(p)) for p in (dinov2_path, owlvit_path))
+    return Discriminator("object", models, f"objects ({names})")
+
+
+def load_clip_discriminator(path: str | os.PathLike, device: torch.device | str = "cpu") -> Discriminator:
+    """CLIP vision encoder from a transformers folder: whole-image similarity."""
+    try:
+        from .objectives import load_clip_vision
+        encoder = load_clip_vision(path, device=device)
+    except ImportError as exc:
+        raise _missing(exc, "loading the CLIP model") from exc
+    return Discriminator("clip", {"encoder": encoder}, f"CLIP ({os.path.basename(os.fspath(path))})")
+
+
+def subject_objective(discriminator: Discriminator, references: list[torch.Tensor], *, label: str = "",
+                      selection: str = "largest", index: int = 0, region: torch.Tensor | None = None,
+                      l1_weight: float = 0.0) -> Objective:
+    """The identity objective of one subject from its reference photos ([1,3,H,W] each).
+
+    Faces: selection/index/region choose the face steered in the generated image.
+    Objects: `label` names the subject for OWL-ViT; `l1_weight` ~1000 for rigid objects.
+    """
+    if not references:
+        raise ValueError("no reference image given for the subject")
+    kind = discriminator.kind
+    if kind == "face":
+        from .objectives import FaceIdentityObjective
+        return FaceIdentityObjective(discriminator.models["faces"], references, selection=selection, index=index,
+                                     region=region)
+    if kind == "object":
+        from .objectives import SubjectIdentityObjective
+        return SubjectIdentityObjective(discriminator.models["encoder"], references,
+                                        detector=discriminator.models["detector"], query=label,
+                                        l1_weight=float(l1_weight))
+    if kind == "clip":
+        from .objectives import ClipImageObjective
+        return ClipImageObjective(discriminator.models["encoder"], references)
+    raise ValueError(f"unknown discriminator kind {kind!r}; expected one of {', '.join(SUBJECT_KINDS)}")
+
+
+def multi_subject_objective(objectives: list[Objective], kinds: list[str], labels: list[str],
+                            weights: list[float] | None = None) -> Objective:
+    """Several subjects in one image, matched to the references each iteration (Hungarian assignment)."""
+    for j, (kind, label) in enumerate(zip(kinds, labels)):
+        if kind == "clip":
+            raise ValueError(f"subject {j + 1} ({label!r}) uses a CLIP model, which compares whole images and "
+                             "cannot be matched to one subject; use a face or object model")
+    from .objectives import MultiSubjectObjective
+    return MultiSubjectObjective(objectives, weights)
+
+
+# -- finding and cropping a subject in a reference photo ------------------------------------------
+
+LOCATE_POLICIES = ("largest", "center", "index", "mask")
+
+
+@dataclass
+class LocatedSubject:
+    """Every detection in one image (pixel boxes x1 y1 x2 y2, best score first) and the chosen one."""
+
+    boxes: list[tuple[float, float, float, float]]
+    scores: list[float]
+    chosen: int | None
+
+
+def locate_subject(image: torch.Tensor, *, face_models: Any = None, detector: Any = None, label: str = "",
+                   policy: str = "largest", index: int = 0, mask: torch.Tensor | None = None) -> LocatedSubject:
+    """Detect faces (antelopev2) or a text-named object (OWL-ViT) in one image [1,3,H,W] and pick one.
+
+    policy: largest box, closest to the centre, index-th from the left, or the largest
+    box at least half inside `mask` ([H,W], any resolution).
+    """
+    from .images import to_uint8_hwc
+    from .objectives.face_models import FaceDetections
+    from .objectives.faces import detect_faces, select_face
+
+    if policy not in LOCATE_POLICIES:
+        raise ValueError(f"unknown selection {policy!r}; choose one of {', '.join(LOCATE_POLICIES)}")
+    if policy == "mask" and mask is None:
+        raise ValueError("selection 'mask' needs a mask input that marks the subject to keep")
+    if (face_models is None) == (detector is None):
+        raise ValueError("give exactly one of face_models (faces) or detector (objects)")
+    h, w = image.shape[-2:]
+    if face_models is not None:
+        dets = detect_faces(face_models, to_uint8_hwc(image[0]))
+    else:
+        if not label.strip():
+            raise ValueError("name the object to find (e.g. 'dog'): OWL-ViT locates it by this text label")
+        found = detector.detect_text(image[0], label.strip())
+        dets = FaceDetections(np.array([c.box for c in found], dtype=np.float32).reshape(-1, 4),
+                              np.array([c.score for c in found], dtype=np.float32), np.zeros((len(found), 5, 2)))
+    chosen = None
+    if len(dets):
+        region = mask if policy == "mask" else None
+        chosen = select_face(dets, (h, w), "largest" if policy == "mask" else policy, index, region)
+    return LocatedSubject([tuple(float(v) for v in b) for b in dets.boxes], [float(s) for s in dets.scores], chosen)
+
+
+def square_crop(image: torch.Tensor, box: tuple[float, float, float, float], padding: float,
+                size: int) -> torch.Tensor:
+    """Square crop [1,3,size,size] centred on `box`, grown by `padding` x its longer side on every side.
+
+    Parts outside the image repeat the border, so a face at the edge keeps its position in the crop.
+    """
+    if padding < 0 or size < 1:
+        raise ValueError(f"padding must be >= 0 and size >= 1, got padding={padding}, size={size}")
+    h, w = image.shape[-2:]
+    x1, y1, x2, y2 = box
+    side = max(x2 - x1, y2 - y1, 1.0) * (1.0 + 2.0 * padding)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    # affine_grid works in [-1, 1] image coordinates (align_corners=False: pixel edges at +-1)
+    theta = torch.tensor([[[side / w, 0.0, 2 * cx / w - 1], [0.0, side / h, 2 * cy / h - 1]]],
+                         dtype=torch.float32, device=image.device)
+    grid = torch.nn.functional.affine_grid(theta, [1, 3, size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False).clamp(0, 1)
+
+
+def box_mask(height: int, width: int, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """[H,W] float mask, 1 inside the (pixel-rounded) box."""
+    x1, y1, x2, y2 = box
+    mask = torch.zeros(height, width)
+    xa, ya = max(0, int(round(x1))), max(0, int(round(y1)))
+    xb, yb = min(width, int(round(x2))), min(height, int(round(y2)))
+    mask[ya:yb, xa:xb] = 1.0
+    return mask

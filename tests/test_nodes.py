@@ -1,0 +1,211 @@
+"""ComfyUI's node contract for every class the pack registers, and the pack's import guarantees."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import comfy_executor as ce
+
+PACK = ce.load_pack()
+CLASSES = PACK.NODE_CLASS_MAPPINGS
+SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "RECTIFIED_FLOW", "RECTIFID_DISCRIMINATOR", "RECTIFID_SUBJECT",
+                "RECTIFID_OBJECTIVE"}
+
+
+@pytest.fixture(params=sorted(CLASSES), ids=str)
+def node(request):
+    return request.param, CLASSES[request.param]
+
+
+def test_mappings_agree():
+    assert set(CLASSES) == set(PACK.NODE_DISPLAY_NAME_MAPPINGS)
+    assert all(name.strip() for name in PACK.NODE_DISPLAY_NAME_MAPPINGS.values())
+    assert len(set(PACK.NODE_DISPLAY_NAME_MAPPINGS.values())) == len(CLASSES)
+
+
+def test_input_schema(node):
+    name, cls = node
+    schema = cls.INPUT_TYPES()
+    assert set(schema) <= {"required", "optional", "hidden"}, name
+    assert schema.get("required"), f"{name} has no required inputs"
+    for section in ("required", "optional"):
+        for inp, spec in schema.get(section, {}).items():
+            assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (name, inp)
+            kind, opts = ce.input_kind(spec), ce.input_options(spec)
+            assert opts.get("tooltip", "").strip(), f"{name}.{inp} has no tooltip"
+            if kind == "COMBO":
+                choices = list(spec[0])
+                assert choices and all(isinstance(c, str) for c in choices), (name, inp)
+                assert opts.get("default", choices[0]) in choices, (name, inp)
+            elif kind in ("INT", "FLOAT"):
+                assert opts["min"] <= opts["default"] <= opts["max"], (name, inp, opts)
+                assert isinstance(opts["default"], int if kind == "INT" else float), (name, inp)
+            elif kind == "STRING":
+                assert isinstance(opts.get("default", ""), str), (name, inp)
+            else:
+                assert kind in SOCKET_TYPES, f"{name}.{inp}: unexpected type {kind!r}"
+
+
+def test_outputs_and_function(node):
+    name, cls = node
+    assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
+    assert all(t in SOCKET_TYPES | {"STRING"} for t in cls.RETURN_TYPES), name
+    assert cls.CATEGORY.split("/")[0] == "RectifID", name
+    assert cls.DESCRIPTION.strip(), name
+    params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+    schema = cls.INPUT_TYPES()
+    names = set(schema["required"]) | set(schema.get("optional", {}))
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = {n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD}
+    assert set(schema["required"]) <= accepted, f"{name}: {set(schema['required']) - accepted} not accepted"
+    assert var_kw or names <= accepted, f"{name}: optional inputs {names - accepted} not accepted"
+    required_params = {n for n, p in params.items() if n != "self" and p.default is p.empty
+                       and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    assert required_params <= set(schema["required"]), f"{name}: {required_params - set(schema['required'])}"
+
+
+def test_seed_widget_has_generate_control():
+    seed = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]["seed"]
+    assert ce.extra_widget_values("seed", seed) == 1
+
+
+def test_sampler_defaults_are_the_papers():
+    req = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]
+    assert req["windows"][1]["default"] == 4
+    assert req["iterations"][1]["default"] == 20 and req["iterations"][1]["max"] >= 200
+    assert req["guidance_scale"][1]["default"] == 1.0
+    assert req["cfg"][1]["default"] == 3.0
+    assert {"anchored", "no_anchor", "noise_gd"} <= set(req["solver"][0])
+
+
+def test_model_combos_list_folders(tmp_path, monkeypatch):
+    """Loader combos show what is in the folders, and a missing model names the folders searched."""
+    monkeypatch.setenv("RECTIFID_MODELS_DIR", str(tmp_path))
+    (tmp_path / "diffusers" / "sd15-base").mkdir(parents=True)
+    (tmp_path / "diffusers" / "sd15-base" / "model_index.json").write_text("{}")
+    (tmp_path / "diffusers" / "nested" / "perflow-sd15").mkdir(parents=True)
+    (tmp_path / "diffusers" / "nested" / "perflow-sd15" / "model_index.json").write_text("{}")
+    (tmp_path / "insightface" / "models" / "antelopev2").mkdir(parents=True)
+    (tmp_path / "insightface" / "models" / "antelopev2" / "glintr100.onnx").write_bytes(b"")
+    (tmp_path / "insightface" / "models" / "empty").mkdir()
+    flows = CLASSES["RectifIDFlowLoader"].INPUT_TYPES()["required"]["flow_folder"][0]
+    assert flows == ["nested/perflow-sd15", "sd15-base"]  # PeRFlow first
+    packs = CLASSES["RectifIDFaceModelLoader"].INPUT_TYPES()["required"]["model_pack"][0]
+    assert packs == ["antelopev2"]
+    assert CLASSES["RectifIDObjectModelLoader"].INPUT_TYPES()["required"]["dinov2"][0] == [
+        "(no models in models/dinov2)"]
+    with pytest.raises(FileNotFoundError) as err:
+        CLASSES["RectifIDFlowLoader"]().load("missing-flow", "auto", "auto", "auto", "cpu")
+    assert str(tmp_path / "diffusers") in str(err.value) and "sd15-base" in str(err.value)
+
+
+def _run_blocked(code: str, env_dir: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter where insightface, onnxruntime and onnx cannot be imported."""
+    blocker = textwrap.dedent("""
+        import importlib.abc, sys
+        class _Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("insightface", "onnxruntime", "onnx"):
+                    raise ImportError(f"No module named {name!r}", name=name)
+                return None
+        sys.meta_path.insert(0, _Block())
+    """)
+    env = dict(os.environ, RECTIFID_MODELS_DIR=env_dir, PYTHONPATH=str(ce.REPO / "tests"))
+    return subprocess.run([sys.executable, "-c", blocker + textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, cwd=str(ce.REPO.parent), timeout=120)
+
+
+def test_pack_imports_without_insightface_and_onnxruntime(tmp_path):
+    pack = tmp_path / "insightface" / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    for f in ("scrfd_10g_bnkps.onnx", "glintr100.onnx"):
+        (pack / f).write_bytes(b"")
+    proc = _run_blocked("""
+        import json, sys, torch
+        import comfy_executor as ce
+        pack = ce.load_pack()
+        out = {"nodes": sorted(pack.NODE_CLASS_MAPPINGS),
+               "blocked_loaded": [m for m in ("insightface", "onnxruntime", "onnx") if m in sys.modules]}
+        try:
+            with torch.inference_mode():
+                pack.NODE_CLASS_MAPPINGS["RectifIDFaceModelLoader"]().load("antelopev2", "auto", "cpu")
+        except Exception as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        print(json.dumps(out))
+    """, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == sorted(CLASSES)
+    assert out["blocked_loaded"] == []
+    assert out["error"].startswith("RuntimeError") and "onnxruntime" in out["error"]
+    assert "pip install -r requirements.txt" in out["error"]
+
+
+def test_bridge_uses_comfyui_when_present(tmp_path, monkeypatch):
+    """With ComfyUI's modules importable, folders come from folder_paths (extra_model_paths.yaml included),
+    cancel from model_management, progress and previews from comfy.utils.ProgressBar (their real signatures)."""
+    import types
+
+    bridge = PACK.nodes.comfy_bridge
+    yaml_dir, models_dir = tmp_path / "shared" / "flows", tmp_path / "ComfyUI" / "models"
+    for folder in (yaml_dir / "perflow-a", models_dir / "diffusers" / "perflow-b"):
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(models_dir)
+    fp.folder_names_and_paths = {"diffusers": ([str(yaml_dir)], {"folder"})}  # as extra_model_paths.yaml leaves it
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0][:]
+
+    class Interrupted(Exception):
+        pass
+
+    mm = types.ModuleType("comfy.model_management")
+    mm.flag = False
+    mm.get_torch_device = lambda: torch.device("cpu")
+
+    def throw():
+        if mm.flag:
+            mm.flag = False
+            raise Interrupted()
+    mm.throw_exception_if_processing_interrupted = throw
+    calls = []
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total = total
+
+        def update_absolute(self, value, total=None, preview=None):
+            calls.append((value, total, preview))
+
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    args = types.ModuleType("comfy.cli_args")
+    args.LatentPreviewMethod = types.SimpleNamespace(NoPreviews="none")
+    args.args = types.SimpleNamespace(preview_method="auto", preview_size=256)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.utils, comfy.cli_args = mm, utils, args
+    for name, module in (("folder_paths", fp), ("comfy", comfy), ("comfy.model_management", mm),
+                         ("comfy.utils", utils), ("comfy.cli_args", args)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    bridge.register_model_folders()
+    assert fp.folder_names_and_paths["diffusers"][0] == [str(yaml_dir), str(models_dir / "diffusers")]
+    assert fp.folder_names_and_paths["owlvit"][0] == [str(models_dir / "owlvit")]
+    assert bridge.list_models("diffusers") == ["perflow-a", "perflow-b"]
+    assert bridge.resolve_model("diffusers", "perflow-a") == str(yaml_dir / "perflow-a")
+    mm.flag = True
+    with pytest.raises(Interrupted):
+        bridge.check_interrupt()
+    bridge.check_interrupt()  # consumed
+    assert bridge.previews_enabled()
+    progress = bridge.Progress(5)
+    progress.update(3, preview="PIL")
+    assert calls == [(3, 5, ("JPEG", "PIL", 256))]
+    args.args.preview_method = "none"
+    assert not bridge.previews_enabled()

@@ -1,0 +1,166 @@
+"""The nodes executed as ComfyUI executes them (under torch.inference_mode()) on tiny real-format models."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import comfy_executor as ce
+import tiny_faces
+from rectifid_core.guidance import GuidanceConfig
+from rectifid_core.objectives.base import ObjectiveOutput
+from rectifid_core.pipeline import PersonalizeSettings, personalize
+
+PACK = ce.load_pack()
+N = PACK.NODE_CLASS_MAPPINGS
+bridge = PACK.nodes.comfy_bridge
+common = PACK.nodes.common
+
+
+def comfy(fn, *args, **kwargs):
+    """Call a node function the way ComfyUI's executor does."""
+    with torch.inference_mode():
+        return fn(*args, **kwargs)
+
+
+def as_comfy_image(image: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] -> ComfyUI IMAGE, created as an inference tensor like LoadImage's output in ComfyUI."""
+    with torch.inference_mode():
+        return image.permute(0, 2, 3, 1).contiguous().clone()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = ce.tiny_models_dir("diffusers", "insightface")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECTIFID_MODELS_DIR", str(root))
+        (flow,) = comfy(N["RectifIDFlowLoader"]().load, ce.MODEL_NAMES["diffusers"], "auto", "auto", "auto", "cpu")
+        (faces,) = comfy(N["RectifIDFaceModelLoader"]().load, "antelopev2", "cpu", "cpu")
+    return flow, faces
+
+
+def face_photo(*faces) -> torch.Tensor:
+    return as_comfy_image(tiny_faces.face_image((640, 640), faces))
+
+
+def test_loaded_weights_can_take_gradients(models):
+    flow, faces = models
+    params = list(flow.components.unet.parameters()) + list(flow.components.vae.parameters())
+    params += list(faces.models["faces"].recognizer.parameters()) + list(faces.models["faces"].recognizer.buffers())
+    assert params and not any(p.is_inference() for p in params)
+    assert not any(p.requires_grad for p in params)  # frozen: gradients only reach the latent
+    assert faces.kind == "face" and "CPUExecutionProvider" in faces.description
+
+
+def test_flow_type_names_users_know(models, monkeypatch):
+    monkeypatch.setenv("RECTIFID_MODELS_DIR", str(ce.tiny_models_dir("diffusers")))
+    loader = N["RectifIDFlowLoader"]()
+    assert models[0].__class__.__name__ == "PeRFlow"  # auto-detected from the scheduler config
+    (euler,) = comfy(loader.load, ce.MODEL_NAMES["diffusers"], "2-rectified flow", "auto", "fp32", "cpu")
+    assert type(euler).__name__ == "EulerVelocityFlow" and euler.window_gammas() is None
+    with pytest.raises(ValueError, match="unknown flow type 'rf2'"):
+        comfy(loader.load, ce.MODEL_NAMES["diffusers"], "rf2", "auto", "fp32", "cpu")
+
+
+def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(models):
+    flow, faces = models
+    subject, bundle = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice",
+                            "largest", 0, 0.0)
+    assert bundle.labels == ["alice"] and subject.kind == "face"
+    args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=11, windows=4, iterations=1,
+                guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=2)
+    out = comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
+    images, latent, plot = out["result"]
+    assert images.shape == (2, 24, 16, 3) and latent["samples"].shape == (2, 4, 12, 8)
+    expected = personalize(flow, bundle.objective, PersonalizeSettings(
+        prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_windows=4,
+        guidance=GuidanceConfig(scale=1.0, iterations=1)), labels=["alice"])
+    torch.testing.assert_close(images, expected.images.permute(0, 2, 3, 1))
+    with torch.no_grad():
+        decoded = flow.decode(latent["samples"])  # LATENT carries what SD's VAE Decode expects
+    torch.testing.assert_close(decoded.permute(0, 2, 3, 1), images, atol=1e-5, rtol=0)
+    assert plot.shape[0] == 1 and plot.shape[-1] == 3
+    text = out["ui"]["text"]
+    assert text[0].startswith("alice: similarity ") and text[-1].endswith("after 1 iteration")
+    assert bridge.last_progress["value"] == 1 and bridge.last_progress["total"] == 1
+    assert bridge.last_progress["preview"].size == (16, 24)
+
+
+class CountingObjective:
+    """Presses cancel (the bridge's fallback flag) while the sampler is in its `press_at`-th iteration."""
+
+    def __init__(self, press_at: int) -> None:
+        self.calls, self.press_at = 0, press_at
+
+    def __call__(self, image: torch.Tensor) -> ObjectiveOutput:
+        self.calls += 1
+        if self.calls == self.press_at:
+            bridge.request_interrupt()
+        return ObjectiveOutput(image.mean(dim=(1, 2, 3)))
+
+
+def test_sampler_stops_promptly_on_cancel(models):
+    flow, _ = models
+    objective = CountingObjective(press_at=2)
+    args = dict(positive="a photo", negative="", width=16, height=16, seed=0, windows=4, iterations=50,
+                guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
+    with pytest.raises(bridge.ProcessingInterrupted):
+        comfy(N["RectifIDSampler"]().sample, flow, common.ObjectiveBundle(objective, ["x"]), **args)
+    assert objective.calls == 2  # stopped right after the iteration in which cancel was pressed
+    bridge.check_interrupt()  # the flag was consumed, the next run is not cancelled
+
+
+def test_detect_and_crop_policies(models):
+    _, faces = models
+    # big face on the left (col 5), small one on the right (col 12, nearer the centre col 10)
+    photo = face_photo((5, 10, 1.0, 1.0), (12, 10, 1.0, 0.2))
+    left, right = tiny_faces.expected_box(5, 10, 1.0), tiny_faces.expected_box(12, 10, 0.2)
+    node = N["RectifIDDetectCrop"]()
+    right_half = torch.zeros(1, 640, 640)
+    right_half[:, :, 320:] = 1
+    for selection, index, mask, want in (("largest", 0, None, left), ("center", 0, None, right),
+                                         ("index", 0, None, left), ("index", -1, None, right),
+                                         ("mask", 0, right_half, right)):
+        crops, boxes_json, box_mask, preview = comfy(node.detect, faces, photo, selection, index, "", 0.25, 64, mask)
+        record = json.loads(boxes_json)[0]
+        chosen = np.array(record["boxes"][record["chosen"]])
+        np.testing.assert_allclose(chosen, want, atol=2.0, err_msg=selection)
+        assert len(record["boxes"]) == 2 and crops.shape == (1, 64, 64, 3)
+        w, h = want[2] - want[0], want[3] - want[1]
+        assert abs(float(box_mask.sum()) - w * h) < 4 * (w + h)
+    assert not torch.equal(preview, photo)  # boxes drawn
+    with pytest.raises(ValueError, match="no face found in image 1 of 1"):
+        comfy(node.detect, faces, as_comfy_image(torch.zeros(1, 3, 640, 640)), "largest", 0, "", 0.25, 64)
+    with pytest.raises(ValueError, match="needs a mask"):
+        comfy(node.detect, faces, photo, "mask", 0, "", 0.25, 64)
+
+
+def test_reference_errors_are_clear(models):
+    _, faces = models
+    blank = as_comfy_image(torch.zeros(1, 3, 640, 640))
+    with pytest.raises(ValueError, match="no face found in reference image"):
+        comfy(N["RectifIDSubject"]().build, faces, blank, "bob", "largest", 0, 0.0)
+    clip_subject = common.Subject(objective=object(), label="style", kind="clip")
+    with pytest.raises(ValueError, match="CLIP model"):
+        comfy(N["RectifIDMatchSubjects"]().match, clip_subject, 1.0)
+    with pytest.raises(TypeError, match="RectifID subject or 'Match Subjects'"):
+        comfy(N["RectifIDSampler"]().sample, models[0], "not an objective", "p", "", 16, 16, 0, 4, 1, 1.0, 1.0,
+              "per_window", "anchored", "store", 1)
+
+
+def test_match_subjects_weights_and_labels(models):
+    _, faces = models
+    a, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "person", "largest", 0, 0.0)
+    b, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 0.3)), "person", "largest", 0, 0.0)
+    (bundle,) = comfy(N["RectifIDMatchSubjects"]().match, a, 1.0, subject_2=b, weight_2=0.5, weight_3=1.0,
+                      weight_4=1.0)
+    assert bundle.objective.weights == [1.0, 0.5] and bundle.labels == ["person", "person"]
+    assert [s.objective for s in (a, b)] == bundle.objective.subjects
+    # two faces side by side: each reference is assigned to one of them
+    with torch.inference_mode(False):
+        image = tiny_faces.face_image((640, 640), ((6, 10, 1.0, 1.0), (14, 10, 1.0, 0.3)))
+        out = bundle.objective(image)
+    (assignment,) = out.diagnostics["assignment"]
+    assert sorted(assignment) == [0, 1] and assignment[0] != assignment[1]
