@@ -17,10 +17,10 @@ Modes (paper Sec. 4.3):
              guidance step, nothing ties the solution to the previous anchor.
   noise_gd   DOODL / D-Flow style gradient descent on the initial noise
              (SGD, momentum, l2 pull toward the sampled noise).
-Accelerated solvers of the same anchored fixed-point problem (solvers.py;
-benchmark/results/convergence.md measures them against the anchored rule):
-  anchored_momentum  heavy ball on the offsets (offset_momentum=0 is anchored).
-  anchored_anderson  Anderson acceleration (anderson_memory=0 is anchored).
+  anchored_momentum  the same anchored fixed-point problem with heavy-ball
+             momentum on the offsets (solvers.py; offset_momentum=0 is the
+             anchored rule). On the toy benchmark it reaches the anchored N=50
+             identity at N=21 (benchmark/results/convergence.md).
 
 Memory: memory="checkpoint" stores only each window's input and recomputes the
 window's model call and the VAE decode during the backward pass (about one
@@ -40,10 +40,10 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .flows.base import Conditioning, RectifiedFlow
 from .objectives.base import Objective, as_output
-from .solvers import AndersonUpdate, MomentumUpdate, UpdateRule, anchored_update, unanchored_update
+from .solvers import MomentumUpdate, UpdateRule, anchored_update, unanchored_update
 
 LEGACY_CK = 0.95796674  # the released SD1.5 code's constant for every window
-SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum", "anchored_anderson")
+SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum")
 CK_MODES = ("per_window", "legacy", "one")
 MEMORY_MODES = ("store", "checkpoint", "auto")
 
@@ -56,9 +56,8 @@ class GuidanceConfig:
     ck_mode: str = "per_window"
     momentum: float = 0.9  # noise_gd only
     l2: float = 1.0  # noise_gd only
-    memory: str = "store"  # "checkpoint": recompute window calls and decode in the backward; "auto"
-    offset_momentum: float = 0.7  # anchored_momentum only
-    anderson_memory: int = 2  # anchored_anderson only
+    memory: str = "store"  # | "checkpoint" (recompute window calls + decode in the backward) | "auto"
+    offset_momentum: float = 0.5  # anchored_momentum only
 
     def validate(self) -> None:
         if self.mode not in SOLVER_MODES:
@@ -77,11 +76,13 @@ class GuidanceConfig:
 # "window" = one classifier-free-guided window call, "decode" = the VAE decode, in
 # bytes per latent element (C*h*w) plus bytes per image ("*_fixed": text features,
 # the recognizer). Fitted on the real architectures at two image sizes by
-# `python -m rectifid_core.benchmark` (torch allocation accounting, SDPA attention);
+# `python -m rectifid_core.benchmark.calibrate` (torch allocation accounting, SDPA attention);
 # see benchmark/results/README.md.
 ACTIVATION_BYTES = {
-    "sd15": {"window": 187_900, "window_fixed": 15_400_000, "decode": 364_400, "fixed": 111_600_000},
+    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "fixed": 111_653_540},
+    "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "fixed": 111_653_540},
 }
+FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
 
 def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_windows: int, family: str = "sd15",
@@ -94,7 +95,7 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_windows: int, fam
     batch, n = latent_shape[0], math.prod(latent_shape)
     width = torch.finfo(dtype).bits / 32
     window = (per["window"] * n + per["window_fixed"] * batch) * width
-    dec = per["decode"] * n * width
+    dec = per["decode"] * n * (1.0 if family in FP32_DECODE else width)
     fixed = per["fixed"] * batch * width
     inputs = 4 * n * (num_windows + 1)  # the window inputs a checkpointed rollout keeps
     return {"store": int(num_windows * window + dec + fixed), "checkpoint": int(max(window, dec) + fixed + inputs)}
@@ -117,8 +118,6 @@ def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[in
     if device.type != "cuda":
         return "store"
     family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
-    if family not in ACTIVATION_BYTES:
-        return "checkpoint"  # no measured estimate: take the choice that fits
     free, _ = torch.cuda.mem_get_info(device)
     return choose_memory_mode(free, latent_shape, flow.num_windows, family, flow.dtype)
 
@@ -200,8 +199,6 @@ def _offset_rule(config: GuidanceConfig) -> UpdateRule:
         return unanchored_update
     if config.mode == "anchored_momentum":
         return MomentumUpdate(config.offset_momentum)
-    if config.mode == "anchored_anderson":
-        return AndersonUpdate(config.anderson_memory)
     return anchored_update
 
 

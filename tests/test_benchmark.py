@@ -14,8 +14,8 @@ import torch
 from rectifid_core.benchmark.measure import BenchSettings, measure_in_subprocess
 from rectifid_core.benchmark.models import IResNet, build_models, unet_config
 from rectifid_core.benchmark.report import markdown_table, write_results
-from rectifid_core.guidance import (GuidanceConfig, choose_memory_mode, decode, estimate_guidance_bytes, guide,
-                                    initial_noise, rollout)
+from rectifid_core.guidance import (ACTIVATION_BYTES, GuidanceConfig, choose_memory_mode, decode,
+                                    estimate_guidance_bytes, guide, initial_noise, resolve_memory_mode, rollout)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +61,12 @@ def test_checkpointed_solver_gives_the_same_result(tiny) -> None:
     torch.testing.assert_close(runs[0].latent, runs[1].latent, rtol=1e-4, atol=1e-5)
 
 
-def test_unknown_memory_mode_is_rejected() -> None:
+def test_unknown_memory_mode_is_rejected_and_auto_stores_on_the_cpu(tiny) -> None:
     with pytest.raises(ValueError, match="memory mode"):
         GuidanceConfig(memory="offload").validate()
+    models, _, noise = tiny
+    assert resolve_memory_mode("auto", models.flow, tuple(noise.shape)) == "store"
+    assert resolve_memory_mode("checkpoint", models.flow, tuple(noise.shape)) == "checkpoint"
 
 
 def test_memory_mode_follows_free_memory() -> None:
@@ -76,6 +79,14 @@ def test_memory_mode_follows_free_memory() -> None:
     assert bigger["store"] == pytest.approx(4 * need["store"], rel=0.05)
     with pytest.raises(ValueError, match="family"):
         estimate_guidance_bytes(shape, 4, "sd3", torch.float16)
+
+
+def test_sdxl_estimate_keeps_the_vae_decode_in_fp32() -> None:
+    c = ACTIVATION_BYTES["sdxl"]
+    shape, n = (1, 4, 128, 128), 4 * 128 * 128
+    half = estimate_guidance_bytes(shape, 4, "sdxl", torch.float16)["store"]
+    by_hand = 4 * (c["window"] * n + c["window_fixed"]) * 0.5 + c["decode"] * n + c["fixed"] * 0.5
+    assert half == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_benchmark_bookkeeping_and_checkpoint_memory(tmp_path) -> None:

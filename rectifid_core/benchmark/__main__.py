@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..guidance import MEMORY_MODES, SOLVER_MODES
 from .measure import DTYPES, BenchSettings, measure_in_subprocess, run_settings
 from .models import FAMILIES
 from .report import markdown_table, write_results
@@ -31,10 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-repeats", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", nargs="+", choices=("store", "checkpoint"), default=["store", "checkpoint"],
+    p.add_argument("--memory", nargs="+", choices=MEMORY_MODES, default=["store", "checkpoint"],
                    help="one subprocess per memory mode")
-    p.add_argument("--mode", default="anchored")
+    p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--vae-block-checkpointing", action="store_true",
+                   help="also checkpoint each VAE decoder block (diffusers' enable_gradient_checkpointing)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     p.add_argument("--out", default="rectifid_core/benchmark/results")
     p.add_argument("--name", help="result file stem (default: preset_device_dtype)")
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> int:
     for memory in args.memory:
         s = BenchSettings(**base, batch=args.batch, windows=args.windows, iterations=args.iterations,
                           floor_repeats=args.floor_repeats, dtype=args.dtype, device=args.device, memory=memory,
-                          mode=args.mode, channels_last=args.channels_last, threads=args.threads)
+                          mode=args.mode, channels_last=args.channels_last,
+                          vae_block_checkpointing=args.vae_block_checkpointing, threads=args.threads)
         s.validate()
         print(f"measuring {asdict(s)}", file=sys.stderr, flush=True)
         results.append(measure_in_subprocess(s))

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ..guidance import GuidanceConfig, guide, initial_noise
+from ..guidance import GuidanceConfig, guide, initial_noise, resolve_memory_mode
 from .models import BenchModels, build_models
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -59,6 +59,7 @@ class BenchSettings:
     memory: str = "store"  # GuidanceConfig.memory
     mode: str = "anchored"
     channels_last: bool = False
+    vae_block_checkpointing: bool = False  # diffusers' per-block checkpoints inside the VAE decoder
     cfg_scale: float = 4.5
     seed: int = 0
     threads: int = 1  # torch CPU threads (1: least sensitive to other jobs on the cores); 0 = torch default
@@ -150,9 +151,10 @@ def retained_bytes(fn: Any) -> int:
 def activation_bytes(models: BenchModels, cond: Any, noise: torch.Tensor) -> dict[str, int]:
     """Activations one window call (CFG included), the VAE decode and the recognizer keep for the backward."""
     z = noise.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.no_grad():
         latent = models.flow.step(z, 0, cond)
-        image = models.flow.decode(latent.detach().requires_grad_(True))
+        image = models.flow.decode(latent)
+    with torch.enable_grad():
         return {
             "window": retained_bytes(lambda: models.flow.step(z, 0, cond)),
             "decode": retained_bytes(lambda: models.flow.decode(latent.detach().requires_grad_(True))),
@@ -182,6 +184,8 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     if s.channels_last:
         for module in (flow.components.unet, flow.components.vae, models.objective.net):
             module.to(memory_format=torch.channels_last)
+    if s.vae_block_checkpointing:
+        flow.components.vae.enable_gradient_checkpointing()
     cond = flow.encode(["a photo of a person"] * s.batch, [""], s.cfg_scale)
     noise = initial_noise(flow.latent_shape(s.batch, s.size, s.size), s.seed, device, dtype)
     config = GuidanceConfig(scale=1.0, iterations=s.iterations, mode=s.mode, memory=s.memory)
@@ -190,11 +194,22 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     floor_times: list[float] = []
     resumed = [0.0]
 
+    def timed_floor() -> float:
+        # The floor is the work without any recomputation, so the VAE's own checkpoints go off for it.
+        vae = flow.components.vae
+        if s.vae_block_checkpointing:
+            vae.disable_gradient_checkpointing()
+        try:
+            return _time(lambda: floor_pass(models, cond, noise), device)
+        finally:
+            if s.vae_block_checkpointing:
+                vae.enable_gradient_checkpointing()
+
     def interleave(_: Any) -> None:
         # Alternate solver iterations with floor passes so that both see the same machine load.
         _sync(device)
         iteration_times.append(time.perf_counter() - resumed[0])
-        floor_times.append(_time(lambda: floor_pass(models, cond, noise), device))
+        floor_times.append(timed_floor())
         resumed[0] = time.perf_counter()
 
     # Memory first, without floor passes in between (they would set the peak themselves).
@@ -213,7 +228,7 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     guide(flow, cond, models.objective, noise, config, callback=interleave)
     del iteration_times[0], floor_times[0]  # warm-up
     extra = max(0, s.floor_repeats - len(floor_times))
-    floor_times += [_time(lambda: floor_pass(models, cond, noise), device) for _ in range(extra)]
+    floor_times += [timed_floor() for _ in range(extra)]
     profiled = parts = None
     if device.type == "cpu":
         profiled = profiled_peak_bytes(lambda: guide(flow, cond, models.objective, noise,
@@ -225,6 +240,7 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
         "settings": asdict(s),
         "environment": environment(device),
         "latent_shape": list(noise.shape),
+        "memory_resolved": resolve_memory_mode(s.memory, flow, tuple(noise.shape)),
         "seconds_per_iteration": sec_it,
         "iteration_times": iteration_times,
         "floor_seconds": floor,

@@ -80,11 +80,12 @@ def vae_config(family: str, width_scale: float = 1.0) -> dict[str, Any]:
     return cfg
 
 
-def text_encoder_configs(family: str, width_scale: float = 1.0) -> list[dict[str, Any]]:
-    """CLIPTextConfig kwargs: CLIP-L (SD1.5), CLIP-L + OpenCLIP-bigG (SDXL)."""
-    def clip(hidden: int, layers: int, heads: int, act: str) -> dict[str, Any]:
+def text_encoder_configs(family: str, width_scale: float = 1.0, layers: int | None = None) -> list[dict[str, Any]]:
+    """CLIPTextConfig kwargs: CLIP-L (SD1.5), CLIP-L + OpenCLIP-bigG (SDXL); `layers` overrides the depth."""
+    def clip(hidden: int, full_depth: int, heads: int, act: str) -> dict[str, Any]:
+        depth = full_depth if layers is None else layers
         h = _width(hidden, width_scale, multiple=heads * 8 if family == "tiny" else heads)
-        return {"vocab_size": 49408, "hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": layers,
+        return {"vocab_size": 49408, "hidden_size": h, "intermediate_size": 4 * h, "num_hidden_layers": depth,
                 "num_attention_heads": heads, "max_position_embeddings": 77, "hidden_act": act,
                 "projection_dim": h, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     if family == "tiny":
@@ -98,18 +99,24 @@ def _letters_tokenizer() -> Any:
     """A real CLIPTokenizer over a letters-only vocabulary (no hub files needed; prompts are encoded once)."""
     from transformers import CLIPTokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="rectifid_bench_tok_"))
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory(prefix="rectifid_bench_tok_") as tmp:
+        folder = Path(tmp)
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def build_components(family: str, width_scale: float = 1.0, seed: int = 0) -> StableDiffusionComponents:
-    """UNet + VAE + text encoder(s) with random weights and the family's architecture."""
+def build_components(family: str, width_scale: float = 1.0, seed: int = 0,
+                     text_layers: int | None = None) -> StableDiffusionComponents:
+    """UNet + VAE + text encoder(s) with random weights and the family's architecture.
+
+    `text_layers` makes the text encoders shallower (same widths, so the UNet sees the
+    same features); prompts are encoded once, outside the measured loop.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -120,7 +127,7 @@ def build_components(family: str, width_scale: float = 1.0, seed: int = 0) -> St
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config(family, width_scale))
     vae = AutoencoderKL(**vae_config(family, width_scale))
-    texts = text_encoder_configs(family, width_scale)
+    texts = text_encoder_configs(family, width_scale, text_layers)
     encoder = CLIPTextModel(CLIPTextConfig(**texts[0]))
     encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**texts[1])) if len(texts) > 1 else None
     tok = _letters_tokenizer()
@@ -129,9 +136,9 @@ def build_components(family: str, width_scale: float = 1.0, seed: int = 0) -> St
 
 
 def build_flow(family: str, width_scale: float = 1.0, num_windows: int = 4, device: str = "cpu",
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> PeRFlow:
+               dtype: torch.dtype = torch.float32, seed: int = 0, text_layers: int | None = None) -> PeRFlow:
     """Our PeRFlow backend over random-weight models of the family's architecture."""
-    components = build_components(family, width_scale, seed)
+    components = build_components(family, width_scale, seed, text_layers)
     return PeRFlow(components, SCHEDULER_CONFIG, PREDICTION[family], num_windows=num_windows,
                    device=device, dtype=dtype)
 
@@ -203,9 +210,9 @@ class BenchModels:
 
 
 def build_models(family: str, width_scale: float = 1.0, num_windows: int = 4, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> BenchModels:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, text_layers: int | None = None) -> BenchModels:
     """Flow + recognizer objective on one device/dtype (the recognizer follows the UNet's dtype)."""
-    flow = build_flow(family, width_scale, num_windows, device, dtype, seed)
+    flow = build_flow(family, width_scale, num_windows, device, dtype, seed, text_layers)
     net = build_recognizer(family, width_scale, seed).to(device=device, dtype=dtype)
     emb_dim = net.head[-1].num_features
     reference = torch.randn(1, emb_dim, generator=torch.Generator().manual_seed(seed + 2))

@@ -20,12 +20,17 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["settings"]
+        memory = r.get("memory_resolved", s["memory"]) + (" + VAE blocks" if s.get("vae_block_checkpointing") else "")
         rows.append(
             f"| {s['family']} | {s['width_scale']} | {s['size']} | {s['batch']} | {s['windows']} | {s['dtype']} "
-            f"| {s['memory']} | {s['mode']} | {r['seconds_per_iteration']:.4f} | {r['floor_seconds']:.4f} "
+            f"| {memory} | {s['mode']} | {r['seconds_per_iteration']:.4f} | {r['floor_seconds']:.4f} "
             f"| {r['overhead']:.3f} | {_mib(r['cuda_peak_allocated_bytes'])} | {_mib(r['cpu_profiled_peak_bytes'])} "
             f"| {_mib(r['rss_peak_above_start_bytes'])} |")
-    return head + "\n".join(rows) + "\n"
+    note = ("\ns/it and floor s are medians of their own samples; overhead is the median of each iteration's "
+            "ratio to the floor pass run right after it (drifts of a shared machine's load cancel). CPU memory: "
+            "peak of live torch allocations in one iteration (profiler accounting) and peak RSS growth of the "
+            "fresh process during two iterations.\n")
+    return head + "\n".join(rows) + "\n" + note
 
 
 def write_results(results: list[dict[str, Any]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
