@@ -141,6 +141,16 @@ def free_vram_for_sampling(device: torch.device) -> None:
         mm.soft_empty_cache()
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` as ComfyUI's model manager counts them (its caches included), None on the CPU."""
+    if device.type == "cpu":
+        return None
+    mm = _comfy_module("model_management")
+    if mm is not None:
+        return int(mm.get_free_memory(device))
+    return None
+
+
 def request_interrupt(value: bool = True) -> None:
     """Fallback cancel button (ComfyUI's own flag is used when running inside ComfyUI)."""
     global _interrupt_flag

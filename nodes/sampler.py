@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rectifid_core.guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo
+from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo,
+                                    resolve_memory_mode)
 from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize
 from rectifid_core.plots import plot_history
 
@@ -85,8 +86,8 @@ class RectifIDSampler:
             "memory": (list(MEMORY_MODES), {
                 "default": "auto",
                 "tooltip": "store keeps activations for the backward pass (fastest); checkpoint recomputes them "
-                           "(slower, far less VRAM: SDXL, large images or batches); auto picks store when it "
-                           "fits in free VRAM."}),
+                           "(slower, far less VRAM: SDXL, large images or batches); lowest also runs the CFG halves one "
+                           "at a time (slower still); auto picks store when it fits in free VRAM, else checkpoint."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images generated together from one seed (each gets its own noise)."}),
         }}
@@ -107,6 +108,11 @@ class RectifIDSampler:
         if not isinstance(objective, ObjectiveBundle):
             raise TypeError(f"objective must come from a RectifID subject or 'Match Subjects' node, "
                             f"got {type(objective).__name__}")
+        bridge.check_interrupt()
+        bridge.free_vram_for_sampling(flow.device)
+        if memory == "auto":  # ComfyUI's count of free VRAM includes what its caches can give back
+            memory = resolve_memory_mode(memory, flow, flow.latent_shape(int(batch_size), int(height), int(width)),
+                                         bridge.free_memory(flow.device))
         config = GuidanceConfig(scale=float(guidance_scale), iterations=int(iterations), mode=solver,
                                 ck_mode=ck_mode, memory=memory)
         settings = PersonalizeSettings(prompt=positive, negative_prompt=negative, width=int(width),
@@ -120,8 +126,6 @@ class RectifIDSampler:
             bridge.check_interrupt()
             progress.update(info.iteration + 1, _preview(flow, info.latent) if previews else None)
 
-        bridge.check_interrupt()
-        bridge.free_vram_for_sampling(flow.device)
         with autograd_enabled():
             result = personalize(flow, objective.objective, settings, callback=on_iteration, labels=objective.labels)
         if len(result.losses) < progress.total:  # N=0 or stopped early: still show the bar as done

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
     g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
                    help="store: keep activations (fastest); checkpoint: recompute them in the backward pass "
-                        "(less VRAM, slower); auto: store if it fits in free GPU memory (default)")
+                        "(less VRAM, slower); lowest: also one CFG half at a time; auto: store if it fits in free GPU "
+                        "memory, else checkpoint (default)")
 
     o = p.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("rectifid.png"),

@@ -24,7 +24,10 @@ Modes (paper Sec. 4.3):
 
 Memory: memory="checkpoint" stores only each window's input and recomputes the
 window's model call and the VAE decode during the backward pass (about one
-extra forward per iteration for a fraction of the activation memory);
+extra forward per iteration for a fraction of the activation memory), and the
+backend recomputes its VAE decoder per block (flow.set_memory_saving);
+memory="lowest" also runs the CFG halves one at a time, each recomputed (one
+more UNet forward per window, for half the UNet activations at the peak);
 `choose_memory_mode` picks it from the free memory (memory="auto" does that
 with CUDA's free memory; callers with their own view of free memory, such as
 ComfyUI's model management, call it themselves).
@@ -45,7 +48,7 @@ from .solvers import MomentumUpdate, UpdateRule, anchored_update, unanchored_upd
 LEGACY_CK = 0.95796674  # the released SD1.5 code's constant for every window
 SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum")
 CK_MODES = ("per_window", "legacy", "one")
-MEMORY_MODES = ("store", "checkpoint", "auto")
+MEMORY_MODES = ("store", "checkpoint", "lowest", "auto")
 
 
 @dataclass
@@ -110,16 +113,18 @@ def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_windo
     return "store" if need["store"] <= headroom * free_bytes else "checkpoint"
 
 
-def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[int, ...]) -> str:
-    """Resolve "auto" from the device's free memory (CUDA); on other devices "auto" means store."""
+def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[int, ...],
+                        free_bytes: int | None = None) -> str:
+    """Resolve "auto" from the free memory given (e.g. ComfyUI's count) or CUDA's; off CUDA it means store."""
     if memory != "auto":
         return memory
     device = torch.device(flow.device)
-    if device.type != "cuda":
-        return "store"
+    if free_bytes is None:
+        if device.type != "cuda":
+            return "store"
+        free_bytes, _ = torch.cuda.mem_get_info(device)
     family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
-    free, _ = torch.cuda.mem_get_info(device)
-    return choose_memory_mode(free, latent_shape, flow.num_windows, family, flow.dtype)
+    return choose_memory_mode(free_bytes, latent_shape, flow.num_windows, family, flow.dtype)
 
 
 @dataclass
@@ -222,9 +227,19 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     """
     config.validate()
     _check_inputs(flow, noise, cond)
+    memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
+    recompute = memory != "store"
+    flow.set_memory_saving(recompute, split_cfg=memory == "lowest")
+    try:
+        return _solve(flow, cond, objective, noise, config, recompute, callback)
+    finally:
+        flow.set_memory_saving(False)
+
+
+def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: torch.Tensor,
+           config: GuidanceConfig, recompute: bool, callback: Callback | None) -> GuidanceResult:
     ck = anchor_coefficients(flow, config.ck_mode)
     update = _offset_rule(config)
-    recompute = resolve_memory_mode(config.memory, flow, tuple(noise.shape)) == "checkpoint"
     z0 = noise.detach()
     work = torch.float32
     offsets = [torch.zeros_like(z0, dtype=work) for _ in range(flow.num_windows)]

@@ -67,6 +67,9 @@ def test_unknown_memory_mode_is_rejected_and_auto_stores_on_the_cpu(tiny) -> Non
     models, _, noise = tiny
     assert resolve_memory_mode("auto", models.flow, tuple(noise.shape)) == "store"
     assert resolve_memory_mode("checkpoint", models.flow, tuple(noise.shape)) == "checkpoint"
+    # a caller's own count of free memory (ComfyUI's model manager) decides "auto" on any device
+    assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=1) == "checkpoint"
+    assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=1 << 50) == "store"
 
 
 def test_memory_mode_follows_free_memory() -> None:

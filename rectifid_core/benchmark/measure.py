@@ -195,14 +195,15 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     resumed = [0.0]
 
     def timed_floor() -> float:
-        # The floor is the work without any recomputation, so the VAE's own checkpoints go off for it.
+        # The floor is the work without any recomputation, so the backend's own checkpoints go off for it.
         vae = flow.components.vae
-        if s.vae_block_checkpointing:
-            vae.disable_gradient_checkpointing()
+        saving, split, vae_blocks = flow.memory_saving, flow.split_cfg, vae.is_gradient_checkpointing
+        flow.set_memory_saving(False)
         try:
             return _time(lambda: floor_pass(models, cond, noise), device)
         finally:
-            if s.vae_block_checkpointing:
+            flow.set_memory_saving(saving, split)
+            if vae_blocks:
                 vae.enable_gradient_checkpointing()
 
     def interleave(_: Any) -> None:

@@ -64,6 +64,12 @@ class RectifiedFlow(ABC):
             return [1.0] * self.num_windows
         return [math.sqrt(max(0.0, 1.0 - g * g)) for g in gammas]
 
+    def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
+        """Let the backend recompute activations inside its own modules; a no-op by default.
+
+        `split_cfg` asks for the two CFG halves one at a time, each recomputed in the backward.
+        """
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent shape for an image size; rejects sizes the VAE cannot produce."""
         f = self.vae_scale_factor

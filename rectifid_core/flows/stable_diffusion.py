@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .base import Conditioning, RectifiedFlow
 from .schedule import cfg_combine
@@ -80,12 +81,28 @@ class StableDiffusionFlow(RectifiedFlow):
             target = self.vae_dtype if name == "vae" else dtype
             if module.dtype != target:
                 module.to(dtype=target)
+        self.memory_saving = False
+        self.split_cfg = False
         self.latent_channels = int(components.unet.config.in_channels)
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     @property
     def is_sdxl(self) -> bool:
         return self.components.is_sdxl
+
+    def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
+        """Checkpoint the VAE decoder per block; with `split_cfg` also run the CFG halves one at a time.
+
+        With the solver's per-window checkpoints this bounds the backward's peak to one
+        decoder block and one window (or one UNet half) instead of the whole decoder.
+        """
+        self.memory_saving = bool(enabled)
+        self.split_cfg = bool(enabled and split_cfg)
+        vae = self.components.vae
+        if enabled:
+            vae.enable_gradient_checkpointing()
+        else:
+            vae.disable_gradient_checkpointing()
 
     def _tokens(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
@@ -126,26 +143,32 @@ class StableDiffusionFlow(RectifiedFlow):
         return Conditioning(batch=len(prompts), guidance_scale=float(guidance_scale), tensors=tensors)
 
     def predict(self, z: torch.Tensor, timestep: float, cond: Conditioning) -> torch.Tensor:
-        """The UNet's output at `timestep`, classifier-free guided (one batched call)."""
+        """The UNet's output at `timestep`, classifier-free guided: one batched call, or two recomputed halves with split_cfg."""
         if z.shape[0] != cond.batch:
             raise ValueError(f"latent batch {z.shape[0]} does not match the conditioning batch {cond.batch}")
-        guided = cond.guidance_scale != 1.0
-        x = torch.cat([z, z]) if guided else z
-        x = x.to(self.dtype)
+        embeds, pooled = cond.tensors["embeds"], cond.tensors.get("pooled")
+        if cond.guidance_scale == 1.0:
+            return self._unet(z, timestep, embeds, pooled)
+        if not (self.split_cfg and torch.is_grad_enabled()):
+            uncond, positive = self._unet(torch.cat([z, z]), timestep, embeds, pooled).chunk(2)
+        else:
+            b = cond.batch
+            halves = [(embeds[:b], None if pooled is None else pooled[:b]),
+                      (embeds[b:], None if pooled is None else pooled[b:])]
+            uncond, positive = (checkpoint(self._unet, z, timestep, e, p, use_reentrant=False) for e, p in halves)
+        return cfg_combine(uncond, positive, cond.guidance_scale)
+
+    def _unet(self, z: torch.Tensor, timestep: float, embeds: torch.Tensor,
+              pooled: torch.Tensor | None) -> torch.Tensor:
+        x = z.to(self.dtype)
         t = torch.full((x.shape[0],), float(timestep), device=self.device)
         kwargs: dict[str, Any] = {}
         if self.is_sdxl:
             h, w = z.shape[-2] * self.vae_scale_factor, z.shape[-1] * self.vae_scale_factor
             # original size = target size = the image size, no crop (the pipeline default)
             time_ids = torch.tensor([h, w, 0, 0, h, w], device=self.device, dtype=self.dtype)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.tensors["pooled"],
-                                           "time_ids": time_ids.expand(x.shape[0], 6)}
-        out = self.components.unet(x, t, encoder_hidden_states=cond.tensors["embeds"], **kwargs).sample
-        out = out.to(z.dtype)
-        if not guided:
-            return out
-        uncond, positive = out.chunk(2)
-        return cfg_combine(uncond, positive, cond.guidance_scale)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.expand(x.shape[0], 6)}
+        return self.components.unet(x, t, encoder_hidden_states=embeds, **kwargs).sample.to(z.dtype)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """VAE decode to [B,3,H,W] float32 in 0..1, clamped like the diffusers image postprocessing."""
