@@ -53,7 +53,8 @@ class RectifIDFlowLoader:
             "prediction_type": (list(PREDICTION_TYPES), {
                 "default": "auto",
                 "tooltip": "PeRFlow parameterisation; auto picks it from the scheduler config "
-                           "(diff_eps for SD1.5, ddim_eps for SDXL, velocity for SD2.1). Ignored for Euler flows."}),
+                           "(diff_eps for SD1.5, ddim_eps for SDXL, velocity for SD2.1). Keep auto (or velocity) for "
+                           "2-rectified flow and InstaFlow: they always predict velocity."}),
             "dtype": (list(DTYPE_CHOICES), {
                 "default": "auto",
                 "tooltip": "Weight precision. auto = fp16 on a GPU, fp32 on the CPU. fp32 doubles VRAM but "

@@ -19,10 +19,9 @@ from .common import CATEGORY, FLOW, OBJECTIVE, ObjectiveBundle, autograd_enabled
 logger = logging.getLogger("RectifID")
 
 
-def _preview(flow: Any, latent: torch.Tensor) -> Image.Image:
-    """First image of the current iterate, for ComfyUI's live preview."""
-    with torch.no_grad():
-        image = flow.decode(latent[:1].to(flow.device)).float().clamp(0, 1)[0]
+def _preview(images: torch.Tensor) -> Image.Image:
+    """First image of the current iterate (already decoded by the solver), for ComfyUI's live preview."""
+    image = images[0].float().clamp(0, 1)
     array = (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
 
@@ -124,7 +123,7 @@ class RectifIDSampler:
 
         def on_iteration(info: IterationInfo) -> None:
             bridge.check_interrupt()
-            progress.update(info.iteration + 1, _preview(flow, info.latent) if previews else None)
+            progress.update(info.iteration + 1, _preview(info.image) if previews else None)
 
         with autograd_enabled():
             result = personalize(flow, objective.objective, settings, callback=on_iteration, labels=objective.labels)

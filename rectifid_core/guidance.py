@@ -136,6 +136,7 @@ class IterationInfo:
     loss: float
     diagnostics: dict[str, Any]
     latent: torch.Tensor  # final latent the loss was computed on, before this update (detached)
+    image: torch.Tensor  # its decoded image [B,3,H,W] in 0..1 (detached): previews cost no extra decode
 
 
 @dataclass
@@ -253,7 +254,8 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
         with torch.enable_grad():
             start = (z0.to(work) + noise_offset).to(z0.dtype).requires_grad_(True)
             z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute)
-            out = as_output(objective(decode(flow, z_final, checkpoint=recompute)))
+            image = decode(flow, z_final, checkpoint=recompute)
+            out = as_output(objective(image))
             loss = out.loss.float().sum()
             grads = torch.autograd.grad(loss, starts)
             # one host sync per iteration, after the backward has been queued
@@ -269,8 +271,8 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
                 offsets, noise_offset = last_good
                 break
             last_good = scored
-        current = z_final.detach()
-        del z_final, starts, loss
+        current, current_image = z_final.detach(), image.detach()
+        del z_final, starts, loss, image
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             if it == 0:
                 raise RuntimeError("non-finite gradient at the first iteration; try fp32 or a smaller guidance scale")
@@ -289,7 +291,7 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
         result.losses.append(loss_value)
         result.diagnostics.append(out.diagnostics)
         if callback is not None:
-            callback(IterationInfo(it, config.iterations, loss_value, out.diagnostics, current))
+            callback(IterationInfo(it, config.iterations, loss_value, out.diagnostics, current, current_image))
 
     with torch.no_grad():
         start = (z0.to(work) + noise_offset).to(z0.dtype)

@@ -337,3 +337,12 @@ def test_no_graph_or_tensors_survive_an_iteration():
 
     guide(flow, cond, tracking, noise, GuidanceConfig(scale=0.4, iterations=30), callback=callback)
     assert live[29] <= live[2], live
+
+
+def test_callback_image_is_the_decoded_iterate_the_loss_saw():
+    flow, cond, noise, objective = setup()
+    seen = []
+    guide(flow, cond, objective, noise, GuidanceConfig(scale=0.4, iterations=3), callback=seen.append)
+    for info in seen:
+        torch.testing.assert_close(info.image, flow.decode(info.latent))
+        assert float(objective(info.image).loss.sum()) == pytest.approx(info.loss, rel=1e-5)

@@ -19,6 +19,7 @@ Detection (each step can be overridden by the caller):
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -51,6 +52,8 @@ _PARTS = {
     "text_encoder_2": "SDXL's second CLIP text encoder with projection (config.json + model*.safetensors)",
     "tokenizer_2": "SDXL's second CLIP tokenizer",
 }
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -250,6 +253,7 @@ def load_flow(path: str | Path, *, flow_type: str = "auto", prediction_type: str
     same number there. device defaults to cuda when available. Never downloads anything.
     """
     info = inspect_flow_folder(path, flow_type=flow_type, prediction_type=prediction_type)
+    logger.info("loading %s", info.describe())
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
