@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (127, 127, 127), (23, 190, 207)]
 _MARGIN_LEFT, _MARGIN_RIGHT, _MARGIN_TOP, _MARGIN_BOTTOM = 58, 12, 22, 26
 
 
@@ -33,10 +34,14 @@ def _fmt(v: float) -> str:
 
 
 def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: dict[str, Sequence[float | None]], font: ImageFont.ImageFont) -> None:
-    """One chart in `box` (x0, y0, x1, y1): axes, 3 y ticks, iteration ticks, one line per series."""
+           series: dict[str, Sequence[float | None]], font: ImageFont.ImageFont, x_start: int = 1,
+           legend_width: int = 0) -> None:
+    """One chart in `box` (x0, y0, x1, y1): axes, 3 y ticks, x ticks labelled from `x_start`, a line per series.
+
+    The legend sits inside the plot's top right, or in a column of `legend_width` pixels beside it.
+    """
     x0, y0, x1, y1 = box
-    px0, py0, px1, py1 = x0 + _MARGIN_LEFT, y0 + _MARGIN_TOP, x1 - _MARGIN_RIGHT, y1 - _MARGIN_BOTTOM
+    px0, py0, px1, py1 = x0 + _MARGIN_LEFT, y0 + _MARGIN_TOP, x1 - _MARGIN_RIGHT - legend_width, y1 - _MARGIN_BOTTOM
     draw.text((px0, y0 + 4), title, fill=(0, 0, 0), font=font)
     draw.rectangle((px0, py0, px1, py1), outline=(90, 90, 90))
     values = [v for vals in series.values() for v in vals if _ok(v)]
@@ -58,7 +63,7 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
     for i in sorted({0, n - 1, (n - 1) // 2}):
         x, _ = xy(i, lo)
         draw.line((x, py1, x, py1 + 4), fill=(90, 90, 90))
-        draw.text((x - 6, py1 + 6), str(i + 1), fill=(60, 60, 60), font=font)
+        draw.text((x - 6, py1 + 6), str(i + x_start), fill=(60, 60, 60), font=font)
     for idx, (name, vals) in enumerate(series.items()):
         color = PALETTE[idx % len(PALETTE)]
         # runs of consecutive values; a gap (subject not found, non-finite loss) breaks the line
@@ -75,7 +80,17 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
             elif run:
                 draw.line(run, fill=color, width=2)
         if len(series) > 1 or name:
-            draw.text((px1 - 110, py0 + 4 + 12 * idx), name[:18], fill=color, font=font)
+            legend_x = px1 + 8 if legend_width else px1 - 110
+            draw.text((legend_x, py0 + 4 + 12 * idx), name[:18 + legend_width // 8], fill=color, font=font)
+
+
+def line_chart(series: dict[str, Sequence[float | None]], title: str, size: tuple[int, int] = (560, 360),
+               x_start: int = 1) -> Image.Image:
+    """One chart with a line per series against its index (ticks labelled from `x_start`); None leaves a gap."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    _panel(ImageDraw.Draw(image), (0, 0, size[0], size[1]), title, series, ImageFont.load_default(), x_start,
+           legend_width=160)
+    return image
 
 
 def plot_history(losses: Sequence[float], similarities: dict[str, Sequence[float | None]] | None = None,

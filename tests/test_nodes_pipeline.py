@@ -11,7 +11,7 @@ from rectifid_core.guidance import GuidanceConfig, guide, initial_noise
 from rectifid_core.objectives.base import ObjectiveOutput
 from rectifid_core.pipeline import (PersonalizeSettings, box_mask, personalize, square_crop, subject_similarities,
                                     unique_labels, with_windows)
-from rectifid_core.plots import PALETTE, draw_boxes, plot_history
+from rectifid_core.plots import PALETTE, draw_boxes, line_chart, plot_history
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,14 @@ def test_draw_boxes_marks_the_chosen_box_red():
     assert tuple(rgb[45, 30]) == (230, 30, 30)  # left edge of the chosen box
     assert tuple(rgb[12, 4]) == (170, 170, 170)  # left edge of the other box
     assert tuple(rgb[40, 40]) == (0, 0, 0)  # inside untouched
+
+
+def test_line_chart_draws_every_series_in_its_own_colour():
+    series = {f"s{i}": [float(i), float(i) + 1.0] for i in range(len(PALETTE))}
+    image = np.asarray(line_chart(series, "chart", size=(400, 300)), dtype=np.float32) / 255.0
+    image = image[25:]  # below the title and tick text, whose anti-aliased edges can match a grey
+    left, right = 58 + 12, 400 - 12 - 160 - 12  # the plot's two ends; the legend is in its own column
+    for i, color in enumerate(PALETTE):
+        rows_left, rows_right = _line_rows(image, color, left), _line_rows(image, color, right)
+        assert len(rows_left) and len(rows_right), f"series {i} not drawn"
+        assert rows_left.mean() > rows_right.mean()  # each series rises left to right

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..guidance import GuidanceConfig, IterationInfo
+from ..plots import line_chart
 from ..toy.benchmark import measure
-from ..toy.figures import line_plot
 from ..toy.objective import nearest_train_distance
 from ..toy.task import DEFAULT_SCALES, ToyModels, load_models, pick_references, run
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "convergence.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     (args.out / "convergence.md").write_text(markdown(report), encoding="utf-8")
     curves = {name: [r["identity"] for r in s["curve"]] for name, s in solvers.items()}
-    line_plot(curves, "toy: held-out identity vs iterations", "iteration N", "evaluator cosine").save(
+    line_chart(curves, "toy: held-out identity (evaluator cosine) vs iterations N", x_start=0).save(
         args.out / "convergence.png")
     print(markdown(report))
     return report

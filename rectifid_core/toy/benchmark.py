@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..guidance import GuidanceConfig
-from .figures import image_grid, line_plot
+from ..plots import line_chart
+from .figures import image_grid
 from .models import to_gray
 from .objective import evaluate, nearest_train_distance
 from .task import ToyModels, load_models, pick_references, run
@@ -36,7 +37,7 @@ VARIANTS = {
     "anchored (c_k legacy)": {"mode": "anchored", "ck_mode": "legacy"},
     "noise_gd (l2 0.1)": {"mode": "noise_gd", "l2": 0.1},
     "noise_gd (l2 0.01)": {"mode": "noise_gd", "l2": 0.01},
-    "anchored_anderson": {"mode": "anchored_anderson"},
+    "anchored_momentum": {"mode": "anchored_momentum"},
 }
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = {"reference": refs.repeat(1, 3, 1, 1)[shown], **{k: v[shown] for k, v in images.items()}}
     image_grid(grid, [f"'{int(y)}'" for y in labels[shown]]).save(args.out / "samples.png")
     curves["unguided"] = [rows[0]["identity"]] * (max(args.iterations) + 1)
-    line_plot(curves, "held-out identity vs iteration", "iteration", "evaluator cosine").save(
+    line_chart(curves, "held-out identity (evaluator cosine) vs iterations N", x_start=0).save(
         args.out / "identity_curves.png")
     print(markdown(report))
     print(f"wrote {args.out} in {time.time() - t0:.1f}s")

@@ -6,8 +6,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 CELL = 64
 PAD = 6
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (140, 86, 75),
-          (127, 127, 127), (23, 190, 207)]
 
 
 def to_pil(image: torch.Tensor, size: int = CELL) -> Image.Image:
@@ -37,45 +35,4 @@ def image_grid(columns: dict[str, torch.Tensor], row_labels: list[str] | None = 
             canvas.paste(to_pil(columns[name][i]), (x, head + i * (CELL + PAD)))
     for i, label in enumerate(row_labels or []):
         draw.text((4, head + i * (CELL + PAD) + CELL // 2 - 5), label, fill="black", font=font)
-    return canvas
-
-
-def line_plot(curves: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
-              size: tuple[int, int] = (560, 360)) -> Image.Image:
-    """Minimal line chart with axes, ticks and a legend."""
-    font = ImageFont.load_default()
-    w, h = size
-    left, right, top, bottom = 56, 170, 28, 40
-    canvas = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(canvas)
-    values = [v for ys in curves.values() for v in ys]
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    lo, hi = lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)
-    n = max(len(ys) for ys in curves.values())
-    pw, ph = w - left - right, h - top - bottom
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        return left + pw * i / max(n - 1, 1), top + ph * (1 - (v - lo) / (hi - lo))
-
-    draw.rectangle([left, top, left + pw, top + ph], outline="black")
-    for q in range(5):
-        v = lo + (hi - lo) * q / 4
-        y = xy(0, v)[1]
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 5), f"{v:.3f}", fill="black", font=font)
-    for q in range(6):
-        i = round((n - 1) * q / 5)
-        x = xy(i, lo)[0]
-        draw.line([x, top + ph, x, top + ph + 4], fill="black")
-        draw.text((x - 6, top + ph + 6), str(i), fill="black", font=font)
-    draw.text((left + pw // 2 - 30, h - 14), xlabel, fill="black", font=font)
-    draw.text((left, 8), f"{title}   ({ylabel})", fill="black", font=font)
-    for c, (name, ys) in enumerate(curves.items()):
-        color = COLORS[c % len(COLORS)]
-        draw.line([xy(i, v) for i, v in enumerate(ys)], fill=color, width=2)
-        ly = top + 14 * c
-        draw.line([left + pw + 10, ly + 6, left + pw + 28, ly + 6], fill=color, width=2)
-        draw.text((left + pw + 32, ly), name[:22], fill="black", font=font)
     return canvas
