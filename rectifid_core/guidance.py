@@ -59,7 +59,7 @@ class GuidanceConfig:
     ck_mode: str = "per_window"
     momentum: float = 0.9  # noise_gd only
     l2: float = 1.0  # noise_gd only
-    memory: str = "store"  # | "checkpoint" (recompute window calls + decode in the backward) | "auto"
+    memory: str = "store"  # one of MEMORY_MODES; see the module docstring
     offset_momentum: float = 0.5  # anchored_momentum only
 
     def validate(self) -> None:
@@ -71,6 +71,9 @@ class GuidanceConfig:
             raise ValueError(f"unknown memory mode {self.memory!r}; choose one of {', '.join(MEMORY_MODES)}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations N must be an integer >= 0, got {self.iterations!r}")
+        for name in ("momentum", "offset_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"guidance scale s must be a finite number >= 0, got {self.scale!r}")
 
@@ -205,6 +208,8 @@ def _offset_rule(config: GuidanceConfig) -> UpdateRule:
         return unanchored_update
     if config.mode == "anchored_momentum":
         return MomentumUpdate(config.offset_momentum)
+    if config.mode == "noise_gd":
+        return MomentumUpdate(config.momentum)
     return anchored_update
 
 
@@ -245,7 +250,6 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
     work = torch.float32
     offsets = [torch.zeros_like(z0, dtype=work) for _ in range(flow.num_windows)]
     noise_offset = torch.zeros_like(z0, dtype=work)
-    velocity = torch.zeros_like(z0, dtype=work)
     result = GuidanceResult(latent=z0, image=z0)
 
     last_good = (offsets, noise_offset)  # update rules return new tensors, so no copies are needed
@@ -281,10 +285,8 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
         ghat = [normalize_window_grad(g.float()) for g in grads]
         del grads
 
-        if config.mode == "noise_gd":  # SGD with momentum and l2 toward the sampled noise
-            d = ghat[0] + config.l2 * noise_offset
-            velocity = config.momentum * velocity + d
-            noise_offset = noise_offset - config.scale * velocity
+        if config.mode == "noise_gd":  # SGD with momentum on the noise, l2 pull toward the sampled noise
+            (noise_offset,) = update([noise_offset], [-config.scale * (ghat[0] + config.l2 * noise_offset)])
         else:
             offsets = update(offsets, [-ck[k] * config.scale * g for k, g in enumerate(ghat)])
 

@@ -39,11 +39,11 @@ def unanchored_update(offsets: Offsets, step: Offsets) -> Offsets:
 
 
 class MomentumUpdate:
-    """Heavy-ball acceleration of the anchored rule, one velocity per window offset."""
+    """Heavy-ball momentum, one velocity per offset: anchored_momentum's rule, and noise_gd's on the noise."""
 
     def __init__(self, beta: float) -> None:
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"offset momentum must be in [0, 1), got {beta!r}")
+            raise ValueError(f"momentum must be in [0, 1), got {beta!r}")
         self.beta = float(beta)
         self.velocity: Offsets | None = None
 

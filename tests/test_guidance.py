@@ -254,6 +254,8 @@ def test_callback_sees_each_iteration_and_can_cancel():
     (GuidanceConfig(mode="dpo"), "unknown solver mode"),
     (GuidanceConfig(ck_mode="half"), "unknown c_k mode"),
     (GuidanceConfig(scale=float("nan")), "guidance scale"),
+    (GuidanceConfig(mode="noise_gd", momentum=1.0), "momentum must be in"),
+    (GuidanceConfig(mode="anchored_momentum", offset_momentum=-0.1), "offset_momentum must be in"),
 ])
 def test_bad_config_is_rejected(config, match):
     flow, cond, noise, objective = setup()

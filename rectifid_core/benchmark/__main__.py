@@ -36,8 +36,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="one subprocess per memory mode")
     p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--vae-block-checkpointing", action="store_true",
-                   help="also checkpoint each VAE decoder block (diffusers' enable_gradient_checkpointing)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
     p.add_argument("--out", default="rectifid_core/benchmark/results")
     p.add_argument("--name", help="result file stem (default: preset_device_dtype)")
@@ -57,8 +55,7 @@ def main(argv: list[str]) -> int:
     for memory in args.memory:
         s = BenchSettings(**base, batch=args.batch, windows=args.windows, iterations=args.iterations,
                           floor_repeats=args.floor_repeats, dtype=args.dtype, device=args.device, memory=memory,
-                          mode=args.mode, channels_last=args.channels_last,
-                          vae_block_checkpointing=args.vae_block_checkpointing, threads=args.threads)
+                          mode=args.mode, channels_last=args.channels_last, threads=args.threads)
         s.validate()
         print(f"measuring {asdict(s)}", file=sys.stderr, flush=True)
         results.append(measure_in_subprocess(s))

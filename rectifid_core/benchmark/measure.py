@@ -59,7 +59,6 @@ class BenchSettings:
     memory: str = "store"  # GuidanceConfig.memory
     mode: str = "anchored"
     channels_last: bool = False
-    vae_block_checkpointing: bool = False  # diffusers' per-block checkpoints inside the VAE decoder
     cfg_scale: float = 4.5
     seed: int = 0
     threads: int = 1  # torch CPU threads (1: least sensitive to other jobs on the cores); 0 = torch default
@@ -184,8 +183,6 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     if s.channels_last:
         for module in (flow.components.unet, flow.components.vae, models.objective.net):
             module.to(memory_format=torch.channels_last)
-    if s.vae_block_checkpointing:
-        flow.components.vae.enable_gradient_checkpointing()
     cond = flow.encode(["a photo of a person"] * s.batch, [""], s.cfg_scale)
     noise = initial_noise(flow.latent_shape(s.batch, s.size, s.size), s.seed, device, dtype)
     config = GuidanceConfig(scale=1.0, iterations=s.iterations, mode=s.mode, memory=s.memory)
@@ -196,15 +193,12 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
 
     def timed_floor() -> float:
         # The floor is the work without any recomputation, so the backend's own checkpoints go off for it.
-        vae = flow.components.vae
-        saving, split, vae_blocks = flow.memory_saving, flow.split_cfg, vae.is_gradient_checkpointing
+        saving, split = flow.memory_saving, flow.split_cfg
         flow.set_memory_saving(False)
         try:
             return _time(lambda: floor_pass(models, cond, noise), device)
         finally:
             flow.set_memory_saving(saving, split)
-            if vae_blocks:
-                vae.enable_gradient_checkpointing()
 
     def interleave(_: Any) -> None:
         # Alternate solver iterations with floor passes so that both see the same machine load.

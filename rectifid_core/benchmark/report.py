@@ -20,7 +20,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["settings"]
-        memory = r.get("memory_resolved", s["memory"]) + (" + VAE blocks" if s.get("vae_block_checkpointing") else "")
+        memory = r.get("memory_resolved", s["memory"])
         rows.append(
             f"| {s['family']} | {s['width_scale']} | {s['size']} | {s['batch']} | {s['windows']} | {s['dtype']} "
             f"| {memory} | {s['mode']} | {r['seconds_per_iteration']:.4f} | {r['floor_seconds']:.4f} "
