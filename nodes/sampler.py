@@ -116,7 +116,7 @@ class RectifIDSampler:
                                 ck_mode=ck_mode, memory=memory)
         settings = PersonalizeSettings(prompt=positive, negative_prompt=negative, width=int(width),
                                        height=int(height), seed=int(seed), batch_size=int(batch_size),
-                                       cfg_scale=float(cfg), num_windows=int(windows), guidance=config)
+                                       cfg_scale=float(cfg), num_steps=int(windows), guidance=config)
         settings.validate()
         progress = bridge.Progress(max(1, int(iterations)))
         previews = bridge.previews_enabled()

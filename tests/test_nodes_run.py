@@ -75,7 +75,7 @@ def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(m
     images, latent, plot = out["result"]
     assert images.shape == (2, 24, 16, 3) and latent["samples"].shape == (2, 4, 12, 8)
     expected = personalize(flow, bundle.objective, PersonalizeSettings(
-        prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_windows=4,
+        prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_steps=4,
         guidance=GuidanceConfig(scale=1.0, iterations=1)), labels=["alice"])
     torch.testing.assert_close(images, expected.images.permute(0, 2, 3, 1))
     with torch.no_grad():
