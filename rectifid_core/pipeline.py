@@ -24,7 +24,8 @@ from .objectives.base import Objective, as_output
 @dataclass
 class PersonalizeSettings:
     """Everything besides the models. None means auto (`resolve_settings`): width, height and CFG from the flow
-    as the reference scripts sample it, steps = the flow's own (its K trained windows), s from the objective."""
+    as the reference scripts sample it; steps the flow's own (its K trained windows unless it was loaded with
+    more steps); the guidance scale s from the objective."""
 
     prompt: str
     negative_prompt: str = ""
@@ -51,10 +52,10 @@ class PersonalizeSettings:
 def resolve_settings(settings: PersonalizeSettings, flow: RectifiedFlow, objective: Objective) -> PersonalizeSettings:
     """A copy with every auto (None) value resolved from the flow and the objective; the input is not changed."""
     settings.validate()
-    missing = [name for name in ("width", "height", "cfg_scale") if getattr(settings, name) is None]
+    unset = [name for name in ("width", "height", "cfg_scale") if getattr(settings, name) is None]
     defaults = flow.defaults()
-    if missing and defaults is None:
-        raise ValueError(f"{type(flow).__name__} has no default image size or CFG scale; set {', '.join(missing)}")
+    if unset and defaults is None:
+        raise ValueError(f"{type(flow).__name__} has no default image size or CFG scale; set {', '.join(unset)}")
     scale = settings.guidance.scale
     return dataclasses.replace(
         settings,
