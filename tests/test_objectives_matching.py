@@ -63,7 +63,7 @@ class ColourSubject:
         self.feature_key = "mean-colour"
         self.embeds = 0
 
-    def propose(self, image, max_candidates):
+    def propose(self, image, subjects, max_candidates):
         return [Candidate(b, 1.0, "subject") for b in self.boxes][:max_candidates], {"found": len(self.boxes)}
 
     def embed(self, image, candidates):
