@@ -31,7 +31,7 @@ def _brute_force(cost):
     return best
 
 
-@pytest.mark.parametrize("shape", [(3, 3), (5, 5), (4, 2), (2, 4), (5, 3)])
+@pytest.mark.parametrize("shape", [(2, 2), (3, 3), (5, 5), (4, 2), (2, 4), (5, 3)])
 def test_assignment_cost_equals_brute_force(shape):
     rng = np.random.default_rng(sum(shape))
     for _ in range(4):

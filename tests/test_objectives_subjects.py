@@ -120,14 +120,17 @@ def test_nothing_detected_falls_back_to_whole_image(owl, dino):
         SubjectIdentityObjective(dino, _photo(1), detector=owl)
 
 
-def test_label_not_found_in_a_reference_is_an_error_naming_the_photo(owl, dino):
+def test_label_not_found_in_a_reference_is_an_error_naming_the_photo(owl, dino, caplog):
     """single_object.py silently crops nothing (whole photo) when the label is not found; we refuse."""
     clear, unclear = _photo(2), _photo(1)
     threshold = 0.9
     assert len(owl.detect_text(clear[0], "dog", threshold)) and not len(owl.detect_text(unclear[0], "dog", threshold))
     with pytest.raises(ValueError, match=r"found no 'dog' in reference image 2 \(96x80 pixels\).*label"):
         SubjectIdentityObjective(dino, [clear, unclear], detector=owl, query="dog", text_threshold=threshold)
-    SubjectIdentityObjective(dino, [clear, clear], detector=owl, query="dog", text_threshold=threshold)
+    with caplog.at_level("INFO", logger="rectifid_core.objectives.subjects"):
+        SubjectIdentityObjective(dino, [clear, clear], detector=owl, query="dog", text_threshold=0.1)
+    n = len(owl.detect_text(clear[0], "dog", 0.1))
+    assert n > 1 and any(f"'dog' reference image 2: {n} found, took number 1" in r.getMessage() for r in caplog.records)
 
 
 def test_l1_term_and_reference_average(dino):

@@ -12,6 +12,7 @@ label that finds nothing in a reference photo is an error.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 from ..images import ImageLike, as_reference_list, to_uint8_hwc
 from .base import ObjectiveOutput
 from .common import AVERAGES, average_embeddings, check_image_batch
-from .detections import Candidate, Detections, LocatedSubject, clip_box, crop
+from .detections import Candidate, Detections, LocatedSubject, clip_box, crop, describe_choice
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -252,6 +255,8 @@ class SubjectIdentityObjective:
                         f"threshold {text_threshold}; set the label to what the photo shows in plain words "
                         f"(e.g. 'dog', 'plush toy', 'can') or use a photo where the subject is large and clear"
                     )
+                if len(found.detections) > 1:
+                    logger.info(describe_choice(found, f"'{query}' reference image {i + 1}", "best score"))
             self.reference_located.append(found)
             self.reference_crops.append(crop(ref, found.detections.box(0)))
         with torch.no_grad():
