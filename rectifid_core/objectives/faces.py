@@ -73,9 +73,9 @@ def faces_needed(selection: str, index: int) -> int:
 def locate_face(models: FaceModels, image: torch.Tensor, *, selection: str = "insightface", index: int = 0,
                 region: Optional[Region] = None, threshold: float = 0.5, step: float = 0.1,
                 floor: float = 0.1) -> LocatedSubject:
-    """Every face in a reference photo [1,3,H,W] (threshold lowered down to `floor`) and the chosen one."""
-    dets = detect_faces(models, to_uint8_hwc(image[0]), min_count=faces_needed(selection, index),
-                        threshold=threshold, step=step, floor=floor)
+    """Every face in a reference photo [1,3,H,W] (threshold lowered down to `floor` until one
+    passes) and the chosen one."""
+    dets = detect_faces(models, to_uint8_hwc(image[0]), threshold=threshold, step=step, floor=floor)
     chosen = select(dets, tuple(image.shape[-2:]), selection, index, region) if len(dets) else None
     return LocatedSubject(dets, chosen)
 
@@ -87,8 +87,9 @@ class FaceIdentityObjective:
     [3,H,W] / [B,3,H,W] tensors 0..1); their embeddings are averaged
     ("normalized": mean of unit vectors, robust to photos of different
     quality; "plain": mean of raw embeddings). `reference_selection` picks the
-    face in each reference ("index" uses the same `index`); `reference_located`
-    keeps every detection and the choice, for previews.
+    face in a reference with several ("index" uses the same `index`; a photo
+    with one face uses it); `reference_located` keeps every detection and the
+    choice, for previews.
     selection / index / region choose the face in the generated image;
     threshold / threshold_step / no_face / threshold_floor drive `detect_faces`.
     """
@@ -133,6 +134,8 @@ class FaceIdentityObjective:
             ensure_min_size(ref, MIN_REFERENCE_SIDE, upscale=False, what=f"face reference image {i + 1}")
             found = locate_face(models, ref, selection=reference_selection, index=index, threshold=threshold,
                                 step=threshold_step, floor=threshold_floor)
+            if len(found.detections) == 1:
+                found.chosen = 0
             dets, pick = found.detections, found.chosen
             if pick is None and len(dets):
                 raise ValueError(f"reference image {i + 1} has {len(dets)} face(s); face index {index} is out of "
