@@ -501,7 +501,7 @@ def test_reference_photo_with_several_faces_uses_the_selection_and_logs_it(model
 
 def test_index_selection_lowers_until_that_face_exists_and_single_face_references_still_work(models):
     ref = tiny_faces.face_image()  # one face: used whatever the index
-    obj = FaceIdentityObjective(models, ref, selection="index", index=1, no_face="skip")
+    obj = FaceIdentityObjective(models, ref, selection="index", index=1, reference_selection="index", no_face="skip")
     np.testing.assert_allclose(obj.reference_boxes[0], tiny_faces.expected_box(10, 10, 1.0), atol=1.0)
     # the second face from the left only passes at threshold 0.3
     gen = tiny_faces.face_image(faces=((4, 10, 1.0, 0.5), (15, 10, 0.35, 0.5)))
@@ -510,4 +510,4 @@ def test_index_selection_lowers_until_that_face_exists_and_single_face_reference
     np.testing.assert_allclose(out.diagnostics["boxes"][0], tiny_faces.expected_box(15, 10, 0.5), atol=0.1)
     with pytest.raises(ValueError, match=r"reference image 1 has 2 face\(s\); face index 2 is out of range"):
         FaceIdentityObjective(models, tiny_faces.face_image(faces=((4, 10, 1.0, 0.5), (15, 10, 1.0, 0.5))),
-                              selection="index", index=2)
+                              reference_selection="index", index=2)
