@@ -268,8 +268,8 @@ def locate_subject(image: torch.Tensor, *, face_models: Any = None, detector: An
     """Detect faces (antelopev2) or a text-named object (OWL-ViT) in one image [1,3,H,W] and pick one.
 
     policy: a detection selection (insightface's ranking, largest, nearest the centre,
-    index-th from the left, largest at least half inside `mask` ([H,W], any resolution)).
-    Faces are found as a reference photo's face is (FaceIdentityObjective).
+    index-th from the left, largest at least half inside `mask` ([H,W], any resolution); the
+    mask is used by "mask" only). Faces are found as a reference photo's face is (FaceIdentityObjective).
     """
     if policy not in LOCATE_POLICIES:
         raise ValueError(f"unknown selection {policy!r}; choose one of {', '.join(LOCATE_POLICIES)}")
@@ -277,13 +277,14 @@ def locate_subject(image: torch.Tensor, *, face_models: Any = None, detector: An
         raise ValueError("selection 'mask' needs a mask input that marks the subject to keep")
     if (face_models is None) == (detector is None):
         raise ValueError("give exactly one of face_models (faces) or detector (objects)")
+    region = mask if policy == "mask" else None
     if face_models is not None:
         from .objectives.faces import locate_face
-        return locate_face(face_models, image, selection=policy, index=index, region=mask)
+        return locate_face(face_models, image, selection=policy, index=index, region=region)
     if not label.strip():
         raise ValueError("name the object to find (e.g. 'dog'): OWL-ViT locates it by this text label")
     found = detector.detect_text(image[0], label.strip())
-    chosen = select(found, tuple(image.shape[-2:]), policy, index, mask) if len(found) else None
+    chosen = select(found, tuple(image.shape[-2:]), policy, index, region) if len(found) else None
     return LocatedSubject(found, chosen)
 
 
