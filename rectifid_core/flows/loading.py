@@ -222,6 +222,12 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)), reasons=reasons)
 
 
+def vae_scale_factor(path: str | Path) -> int:
+    """Pixels per latent cell of a flow folder's VAE (8 for SD1.x, SD2.x and SDXL), read from its config."""
+    blocks = _read_json(Path(path).expanduser() / "vae" / "config.json").get("block_out_channels", [0] * 4)
+    return 2 ** (len(blocks) - 1)
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Parse "fp32"/"fp16"/"bf16"; fp16 on the CPU falls back to fp32 (many CPU kernels lack fp16)."""
     if isinstance(dtype, str):

@@ -301,7 +301,9 @@ def load_face_models(
         session = onnxruntime.InferenceSession(str(detector_file), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own types; a broken provider install must not stop the run
         if providers == [PROVIDERS["cpu"]]:
-            raise RuntimeError(f"could not load the face detector {detector_file}: {exc}") from exc
+            raise ValueError(f"onnxruntime cannot run the face detector {detector_file} ({exc}); it is not the "
+                             f"{DETECTOR_FILE} of the antelopev2 pack, or it is damaged: download the pack again") \
+                from exc
         _warn(f"{providers[0]} failed to start ({exc}); the face detector runs on CPU. Install the onnxruntime-gpu "
               "build matching your CUDA, or choose provider 'cpu'")
         providers = [PROVIDERS["cpu"]]
