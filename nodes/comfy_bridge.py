@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rectifid_core.objectives.face_models import pack_folder
+from rectifid_core.objectives.face_models import DETECTOR_FILE, pack_folder
 
 MODELS_ENV = "RECTIFID_MODELS_DIR"
 
@@ -98,13 +98,15 @@ def _model_dirs(folder: str) -> dict[str, str]:
     for root in model_roots(folder):
         if not os.path.isdir(root):
             continue
-        if folder == "insightface":
-            packs = os.path.join(root, "models")
-            for name in sorted(os.listdir(packs)) if os.path.isdir(packs) else []:
-                path = pack_folder(os.path.join(packs, name))
+        if folder == "insightface":  # the layouts face_models.candidate_folders searches
+            packs = [os.path.join(base, name) for base in (os.path.join(root, "models"), root) if os.path.isdir(base)
+                     for name in sorted(os.listdir(base)) if not (base == root and name == "models")]
+            if os.path.isfile(os.path.join(root, DETECTOR_FILE)):  # files directly in the root (not inswapper's)
+                packs.append(root)
+            for path in map(pack_folder, packs):
                 if path is not None and os.path.realpath(path) not in seen:
                     seen.add(os.path.realpath(path))
-                    found.setdefault(name, str(path))
+                    found.setdefault(path.name, str(path))
             continue
         marker = "model_index.json" if folder == "diffusers" else "config.json"
         for dirpath, dirnames, files in os.walk(root, followlinks=True):
@@ -133,8 +135,10 @@ def resolve_model(folder: str, name: str) -> str:
         return found[name]
     roots = ", ".join(model_roots(folder)) or "(none)"
     layout = MODEL_FOLDERS[folder]
+    what = f"no model is installed in the {folder!r} model folders" if not found else \
+        f"model {name!r} not found in the {folder!r} model folders"
     raise FileNotFoundError(
-        f"model {name!r} not found in the {folder!r} model folders ({roots}); expected {layout}. "
+        f"{what} ({roots}); expected {layout}. "
         f"Available: {', '.join(sorted(found)) or 'none'}. Put the model there or add a path for "
         f"'{folder}' in extra_model_paths.yaml, then refresh."
     )

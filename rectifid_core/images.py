@@ -41,9 +41,10 @@ def check_pixel_values(images: torch.Tensor, what: str = "image") -> torch.Tenso
         raise ValueError(
             f"{what} {i + 1} of {images.shape[0]} has {int(bad[i].sum())} NaN or infinite pixel values; the node "
             "that produced it failed (an fp16 overflow in a VAE decode is common: decode in fp32 or bf16)")
-    lo, hi = float(flat.min()), float(flat.max())
-    if lo < -PIXEL_TOLERANCE or hi > 1.0 + PIXEL_TOLERANCE:
-        i = int(((flat < -PIXEL_TOLERANCE) | (flat > 1.0 + PIXEL_TOLERANCE)).any(dim=1).nonzero()[0])
+    outside = ((flat < -PIXEL_TOLERANCE) | (flat > 1.0 + PIXEL_TOLERANCE)).any(dim=1)
+    if outside.any():
+        i = int(outside.nonzero()[0])
+        lo, hi = float(flat[i].min()), float(flat[i].max())
         if lo >= -1.0 - PIXEL_TOLERANCE and lo < -PIXEL_TOLERANCE and hi <= 1.0 + PIXEL_TOLERANCE:
             hint = "it looks like -1..1: map it with (x + 1) / 2"
         elif lo >= -PIXEL_TOLERANCE and hi <= 255.0 + PIXEL_TOLERANCE:
