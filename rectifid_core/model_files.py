@@ -37,12 +37,18 @@ def read_json_file(path: PathLike, what: str) -> dict[str, Any]:
     return data
 
 
-def check_safetensors(path: PathLike) -> None:
-    """Header of a .safetensors file: length, JSON, and every tensor's bytes inside the file."""
-    path = Path(path)
+def _size(path: Path) -> int:
+    """Bytes in `path`; an empty file (a placeholder, a failed download) is refused."""
     size = path.stat().st_size
     if size == 0:
         raise DamagedModelFile(f"{path} is empty (0 bytes); {REDOWNLOAD}")
+    return size
+
+
+def check_safetensors(path: PathLike) -> None:
+    """Header of a .safetensors file: length, JSON, and every tensor's bytes inside the file."""
+    path = Path(path)
+    size = _size(path)
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -110,8 +116,7 @@ def check_weight_files(folder: PathLike, names: Iterable[str]) -> None:
     folder = Path(folder)
     for name in names:
         path = folder / name
-        if path.stat().st_size == 0:
-            raise DamagedModelFile(f"{path} is empty (0 bytes); {REDOWNLOAD}")
+        _size(path)
         if name.endswith(".json"):
             for shard in check_shard_index(path):
                 if shard.suffix == ".safetensors":
@@ -139,9 +144,7 @@ def check_onnx_file(path: PathLike) -> Any:
     from google.protobuf.message import DecodeError
 
     path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise DamagedModelFile(f"{path} is empty (0 bytes); {REDOWNLOAD}")
+    _size(path)
     try:
         model = onnx.load(os.fspath(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
