@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .devices import parse_device
 from .guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes
 from .objectives.faces import FACE_SELECTIONS
 from .objectives.onnx_convert import UnsupportedOnnxOperator
@@ -126,29 +127,6 @@ def _check_dir(path: Path | None, flag: str, needed_for: str) -> Path:
     if not path.expanduser().is_dir():
         raise UsageError(f"{flag} {path}: folder not found")
     return path.expanduser()
-
-
-def check_device(name: str) -> torch.device:
-    """The torch device for --device, refused before any model loads when this machine lacks it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r} is not a device torch knows ({exc}); use auto, cpu, cuda or cuda:N") \
-            from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: torch sees no CUDA GPU on this machine (a CPU-only torch build, or no "
-                             "driver); use --device cpu, or install the CUDA build of torch")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise UsageError(f"--device {name}: this machine has {count} CUDA GPU(s), numbered 0 to {count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: Apple MPS is not available here; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: only cpu, cuda[:N] and mps are supported")
-    return device
 
 
 def check_writable(path: Path, flag: str) -> None:
@@ -254,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     object_dirs = (_check_dir(args.dinov2, "--dinov2", "an object subject"),
                    _check_dir(args.owlvit, "--owlvit", "an object subject")) if "object" in kinds else None
     clip_dir = _check_dir(args.clip, "--clip", "a clip subject") if "clip" in kinds else None
-    device = check_device(args.device)
+    device = parse_device(args.device, "--device")
     check_writable(args.output, "--output")
     if args.history is not None:
         check_writable(args.history, "--history")

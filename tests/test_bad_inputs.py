@@ -19,7 +19,8 @@ import tiny_faces
 import tiny_transformers
 from nodes import comfy_bridge as bridge
 from nodes.common import image_to_core, mask_to_core
-from rectifid_core.cli import check_device, check_image_size, main, memory_refusal
+from rectifid_core.cli import check_image_size, main, memory_refusal
+from rectifid_core.devices import parse_device
 from rectifid_core.flows import inspect_flow_folder, load_flow
 from rectifid_core.guidance import estimate_guidance_bytes
 from rectifid_core.images import PIXEL_TOLERANCE, load_image
@@ -326,7 +327,7 @@ def test_cli_checks_device_and_output_before_the_flow(cli_files, tmp_path, capsy
     assert status == 2 and "--device 'warp-drive' is not a device torch knows" in err
     if not torch.cuda.is_available():
         status, err = _run(capsys, *base, "--device", "cuda")
-        assert status == 2 and "torch sees no CUDA GPU" in err and "--device cpu" in err
+        assert status == 2 and "--device 'cuda': torch sees no CUDA GPU" in err and "choose cpu" in err
     (tmp_path / "file").write_text("")
     status, err = _run(capsys, *base, "--device", "cpu", "--output", str(tmp_path / "file" / "out.png"))
     assert status == 2 and "is a file, so the folder cannot be created there" in err
@@ -387,9 +388,16 @@ def test_memory_refusal_follows_the_estimate():
     assert memory_refusal(flow, shape, "store", need["store"]) is None
 
 
-def test_check_device_accepts_what_exists():
-    assert check_device("cpu") == torch.device("cpu")
-    assert check_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_devices_this_machine_lacks_are_refused_by_cli_and_node():
+    from nodes.loaders import resolve_device
+
+    assert parse_device("cpu") == torch.device("cpu") == resolve_device("cpu")
+    assert parse_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="only cpu, cuda"):
+        parse_device("meta")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="numbered 0 to"):
-            check_device(f"cuda:{torch.cuda.device_count()}")
+            parse_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match="the device input 'cuda': torch sees no CUDA GPU"):
+            resolve_device("cuda")
