@@ -38,7 +38,6 @@ class UsageError(ValueError):
     """Bad command-line input; reported without a traceback, exit status 2."""
 
 
-
 @dataclass
 class SubjectSpec:
     kind: str

@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Union
 
@@ -112,17 +113,29 @@ def check_shard_index(path: PathLike) -> list[Path]:
 
 
 def check_weight_files(folder: PathLike, names: Iterable[str]) -> None:
-    """Check the given weight files of `folder` (safetensors headers, shard indexes and their shards)."""
+    """Check the given weight files of `folder`: safetensors headers, torch checkpoints, shard indexes and shards."""
     folder = Path(folder)
     for name in names:
         path = folder / name
         _size(path)
-        if name.endswith(".json"):
-            for shard in check_shard_index(path):
-                if shard.suffix == ".safetensors":
-                    check_safetensors(shard)
-        elif name.endswith(".safetensors"):
-            check_safetensors(path)
+        for weights in check_shard_index(path) if name.endswith(".json") else [path]:
+            if weights.suffix == ".safetensors":
+                check_safetensors(weights)
+            elif weights.suffix == ".bin":
+                check_torch_bin(weights)
+
+
+def check_torch_bin(path: PathLike) -> None:
+    """A torch `.bin` checkpoint: a zip archive with its directory at the end (which a cut download loses),
+    or a pre-1.6 pickle, which can only be recognised by its first byte."""
+    path = Path(path)
+    _size(path)
+    if zipfile.is_zipfile(path):
+        return
+    with path.open("rb") as f:
+        if f.read(1) == b"\x80":  # pickle protocol marker of the legacy format
+            return
+    raise DamagedModelFile(f"{path} is not a complete torch checkpoint (no zip directory at its end); {REDOWNLOAD}")
 
 
 def check_model_type(folder: PathLike, expected: Iterable[str], what: str, slot: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from rectifid_core.devices import parse_device
 from rectifid_core.flows import inspect_flow_folder, load_flow
 from rectifid_core.guidance import estimate_guidance_bytes
 from rectifid_core.images import PIXEL_TOLERANCE, load_image
-from rectifid_core.model_files import DamagedModelFile, check_onnx_file, check_safetensors
+from rectifid_core.model_files import DamagedModelFile, check_onnx_file, check_safetensors, check_weight_files
 from rectifid_core.objectives import find_antelopev2, load_clip_vision, load_dinov2, load_face_models, onnx_to_torch
 
 
@@ -130,6 +130,15 @@ def test_damaged_safetensors_are_named(weights, damage, message):
     with pytest.raises(DamagedModelFile, match=message) as err:
         check_safetensors(weights)
     assert str(weights) in str(err.value) and "download the file again" in str(err.value)
+
+
+def test_cut_torch_checkpoints_are_named(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.randn(256)}, path)
+    check_weight_files(tmp_path, [path.name])  # the intact file passes
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(DamagedModelFile, match=rf"{path} is not a complete torch checkpoint"):
+        check_weight_files(tmp_path, [path.name])
 
 
 @pytest.fixture
