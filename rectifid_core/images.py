@@ -74,8 +74,11 @@ def pil_to_tensor(image: Image.Image, *, alpha: str = "white") -> torch.Tensor:
         return _gray_to_tensor(np.clip(gray, 0.0, 1.0))
     if mode == "F":
         gray = np.asarray(image, dtype=np.float64)
-        scale = 1.0 if gray.size == 0 or np.nanmax(gray) <= 1.0 else 255.0
-        return _gray_to_tensor(np.clip(np.nan_to_num(gray / scale), 0.0, 1.0))
+        if not np.isfinite(gray).all():
+            raise ValueError(f"the 32-bit float image has {int((~np.isfinite(gray)).sum())} NaN or infinite pixels; "
+                             "save it again without them")
+        scale = 1.0 if gray.size == 0 or gray.max() <= 1.0 else 255.0
+        return _gray_to_tensor(np.clip(gray / scale, 0.0, 1.0))
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("LA", "La", "PA", "RGBa"):
@@ -113,7 +116,11 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
 
 def load_image(path: Union[str, os.PathLike], *, alpha: str = "white") -> torch.Tensor:
     """Read an image file -> [1,3,H,W] float 0..1, upright (EXIF orientation applied)."""
-    return pil_to_tensor(open_image(path), alpha=alpha)
+    image = open_image(path)
+    try:
+        return pil_to_tensor(image, alpha=alpha)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def to_image_batch(image: ImageLike, *, alpha: str = "white") -> torch.Tensor:

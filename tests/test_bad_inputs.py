@@ -95,6 +95,14 @@ def test_phone_jpeg_is_loaded_upright(tmp_path, monkeypatch):
         assert np.abs(loaded - upright).mean() < 4  # JPEG noise only; a sideways image differs by ~128
 
 
+def test_nan_in_a_float_image_file_is_named(tmp_path):
+    gray = np.full((8, 8), 0.5, dtype=np.float32)
+    gray[3, 4] = np.nan
+    Image.fromarray(gray, mode="F").save(tmp_path / "scan.tif")
+    with pytest.raises(ValueError, match=r"scan.tif: the 32-bit float image has 1 NaN or infinite pixels"):
+        load_image(tmp_path / "scan.tif")
+
+
 def test_a_file_that_is_not_an_image_is_named(tmp_path):
     (tmp_path / "notes.png").write_text("not a picture")
     with pytest.raises(ValueError, match=r"notes.png is not an image file"):
