@@ -278,14 +278,13 @@ def load_face_models(
     """Load SCRFD (onnxruntime, `provider`) and ArcFace (torch, `device`) from an antelopev2 folder."""
     folder = find_antelopev2(root)
     try:
-        import onnx  # noqa: F401  (checked here so the message below covers both packages)
         import onnxruntime
+        from onnx.external_data_helper import load_external_data_for_model
     except ImportError as exc:
         raise ImportError(
             "the face models need onnx and onnxruntime: pip install onnx onnxruntime-gpu (NVIDIA) "
             "or onnx onnxruntime (CPU)"
         ) from exc
-    from onnx.external_data_helper import load_external_data_for_model
 
     from ..model_files import check_onnx_file
     from .onnx_convert import onnx_to_torch
