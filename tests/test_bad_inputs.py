@@ -78,6 +78,18 @@ def test_empty_image_batches_and_masks():
     assert torch.equal(mask_to_core(masks), masks)
 
 
+def test_the_reference_node_names_a_0_255_image_instead_of_finding_no_face(tmp_path):
+    from nodes.subjects import RectifIDSubject
+    from rectifid_core.pipeline import load_face_discriminator
+
+    faces = load_face_discriminator(tiny_faces.build_antelopev2(tmp_path).parent.parent, provider="cpu")
+    photo = tiny_faces.face_image((64, 64), ((2, 2, 1.0, 1.0),))[:1]
+    with pytest.raises(ValueError, match="image 1 of 1 has pixel values from .*divide it by 255"):
+        RectifIDSubject().build(faces, comfy_image(photo * 255), "alice", "largest", 0, 0.0)
+    with pytest.raises(ValueError, match="mask 1 of 1 is all zero"):
+        RectifIDSubject().build(faces, comfy_image(photo), "alice", "largest", 0, 0.0, region=torch.zeros(1, 64, 64))
+
+
 def test_phone_jpeg_is_loaded_upright(tmp_path, monkeypatch):
     # 40 wide, 20 high: left half red, right half blue; EXIF orientation 6 = "rotate 90 degrees clockwise to view"
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)
