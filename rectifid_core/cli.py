@@ -142,6 +142,17 @@ def check_writable(path: Path, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no permission to write in {parent}; choose another location")
 
 
+def check_image_format(path: Path, flag: str) -> None:
+    """The output's suffix must name a format PIL can write; found out at the end, it would lose the images."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{flag} {path}: cannot tell which image format to write from the suffix "
+                         f"{path.suffix or '(none)'!r}; end the name in .png (lossless), .jpg or .webp")
+
+
 def check_image_size(width: int | None, height: int | None, factor: int) -> None:
     """Width and height must be positive multiples of the VAE factor (None = the flow's default)."""
     for flag, value in (("--width", width), ("--height", height)):
@@ -233,6 +244,7 @@ def run(args: argparse.Namespace) -> dict:
     clip_dir = _check_dir(args.clip, "--clip", "a clip subject") if "clip" in kinds else None
     device = parse_device(args.device, "--device")
     check_writable(args.output, "--output")
+    check_image_format(args.output, "--output")
     if args.history is not None:
         check_writable(args.history, "--history")
     inspect_flow_folder(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type)

@@ -367,6 +367,9 @@ def test_cli_checks_device_and_output_before_the_flow(cli_files, tmp_path, capsy
         locked.mkdir(mode=0o500)
         status, err = _run(capsys, *base, "--device", "cpu", "--output", str(locked / "out.png"))
         assert status == 2 and f"no permission to write in {locked}" in err
+    for name in ("out", "out.xyz"):
+        status, err = _run(capsys, *base, "--device", "cpu", "--output", str(tmp_path / name))
+        assert status == 2 and "cannot tell which image format to write" in err and ".png" in err
     # only then the flow folder (empty here) is looked at
     status, err = _run(capsys, *base, "--device", "cpu", "--output", str(tmp_path / "out.png"))
     assert status == 2 and "is not a complete diffusers folder" in err
