@@ -49,7 +49,7 @@ def test_nan_pixels_are_named_with_the_image_counted_from_1():
 def test_pixels_in_another_range_are_refused_with_the_fix(scale, offset, hint):
     batch = torch.rand(2, 3, 8, 8) * scale + offset
     batch[0] = torch.rand(3, 8, 8)  # the first image is fine: the message must point at the second
-    with pytest.raises(ValueError, match=rf"image 2 of 2 has pixel values from .* but images must lie in 0..1; .*{hint}"):
+    with pytest.raises(ValueError, match=rf"image 2 of 2 has pixel values from .* must lie in 0..1; .*{hint}"):
         image_to_core(comfy_image(batch))
 
 

@@ -257,7 +257,8 @@ def load_components(info: FlowFolderInfo, dtype: torch.dtype) -> StableDiffusion
         folder = root / part
         variant = _variant(folder, _WEIGHT_STEMS[part], dtype)
         # a damaged file is named here, before diffusers / transformers fail on it with their own words
-        check_weight_files(folder, [n for n in _weight_files(folder, _WEIGHT_STEMS[part]) if _file_variant(n) == variant])
+        names = _weight_files(folder, _WEIGHT_STEMS[part])
+        check_weight_files(folder, [n for n in names if _file_variant(n) == variant])
         # diffusers and transformers 5 name the dtype argument differently
         dtype_arg = {"torch_dtype" if part in ("unet", "vae") else "dtype": part_dtype.get(part, dtype)}
         return cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
