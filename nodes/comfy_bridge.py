@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from rectifid_core.objectives.face_models import DETECTOR_FILE, pack_folder
+
 MODELS_ENV = "RECTIFID_MODELS_DIR"
 
 # folder name -> (what lives there, what a user puts there); used in listings and errors
@@ -85,20 +87,34 @@ def model_roots(folder: str) -> list[str]:
 
 
 def _model_dirs(folder: str) -> dict[str, str]:
-    """name shown in the UI -> absolute path, for every model directory under the roots."""
+    """name shown in the UI -> absolute path, for every model directory under the roots.
+
+    Symlinks are followed (users link model folders in), but each real folder is
+    visited once: a symlink loop neither hangs ComfyUI's start-up nor lists a
+    model twice.
+    """
     found: dict[str, str] = {}
+    seen: set[str] = set()
     for root in model_roots(folder):
         if not os.path.isdir(root):
             continue
-        if folder == "insightface":
-            packs = os.path.join(root, "models")
-            for name in sorted(os.listdir(packs)) if os.path.isdir(packs) else []:
-                path = os.path.join(packs, name)
-                if os.path.isdir(path) and any(f.endswith(".onnx") for f in os.listdir(path)):
-                    found.setdefault(name, path)
+        if folder == "insightface":  # the layouts face_models.candidate_folders searches
+            packs = [os.path.join(base, name) for base in (os.path.join(root, "models"), root) if os.path.isdir(base)
+                     for name in sorted(os.listdir(base)) if not (base == root and name == "models")]
+            if os.path.isfile(os.path.join(root, DETECTOR_FILE)):  # files directly in the root (not inswapper's)
+                packs.append(root)
+            for path in map(pack_folder, packs):
+                if path is not None and os.path.realpath(path) not in seen:
+                    seen.add(os.path.realpath(path))
+                    found.setdefault(path.name, str(path))
             continue
         marker = "model_index.json" if folder == "diffusers" else "config.json"
         for dirpath, dirnames, files in os.walk(root, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames.clear()
+                continue
+            seen.add(real)
             dirnames.sort()
             if marker in files:
                 found.setdefault(os.path.relpath(dirpath, root).replace(os.sep, "/"), dirpath)
@@ -119,8 +135,10 @@ def resolve_model(folder: str, name: str) -> str:
         return found[name]
     roots = ", ".join(model_roots(folder)) or "(none)"
     layout = MODEL_FOLDERS[folder]
+    what = f"no model is installed in the {folder!r} model folders" if not found else \
+        f"model {name!r} not found in the {folder!r} model folders"
     raise FileNotFoundError(
-        f"model {name!r} not found in the {folder!r} model folders ({roots}); expected {layout}. "
+        f"{what} ({roots}); expected {layout}. "
         f"Available: {', '.join(sorted(found)) or 'none'}. Put the model there or add a path for "
         f"'{folder}' in extra_model_paths.yaml, then refresh."
     )

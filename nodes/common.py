@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
+from rectifid_core.images import check_pixel_values
+
 CATEGORY = "RectifID"
 
 # custom socket types shown in the UI
@@ -30,16 +32,20 @@ def autograd_enabled() -> Iterator[None]:
         yield
 
 
-def image_to_core(image: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,C] 0..1 -> normal (non-inference) float tensor [B,3,H,W] on the CPU."""
+def image_to_core(image: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """ComfyUI IMAGE [B,H,W,C] 0..1 -> normal (non-inference) float tensor [B,3,H,W] on the CPU.
+
+    Empty batches, NaN/inf and values outside 0..1 are refused with a message
+    naming `what` (the input) instead of being clamped into a blank image.
+    """
     if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[-1] not in (1, 3, 4):
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"expected a ComfyUI IMAGE [batch, height, width, channels], got {shape}")
+        raise ValueError(f"expected a ComfyUI IMAGE [batch, height, width, channels] for {what}, got {shape}")
     with torch.inference_mode(False):
         out = image.detach().to("cpu", torch.float32).clone().movedim(-1, 1)
         if out.shape[1] == 1:
             out = out.expand(-1, 3, -1, -1)
-        return out[:, :3].clamp(0, 1).contiguous()
+        return check_pixel_values(out[:, :3], what).contiguous()
 
 
 def image_to_comfy(image: torch.Tensor) -> torch.Tensor:
@@ -47,11 +53,30 @@ def image_to_comfy(image: torch.Tensor) -> torch.Tensor:
     return image.detach().to("cpu", torch.float32).movedim(1, -1).clamp(0, 1).contiguous()
 
 
-def mask_to_core(mask: torch.Tensor) -> torch.Tensor:
-    """ComfyUI MASK [B,H,W] or [H,W] -> normal float tensor [B,H,W]."""
+def mask_to_core(mask: torch.Tensor, what: str = "mask") -> torch.Tensor:
+    """ComfyUI MASK [B,H,W] or [H,W] -> normal float tensor [B,H,W].
+
+    A connected mask restricts where a subject is looked for, so an empty one
+    (zero size, or all zero) would silently find nothing: it is refused.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"expected a ComfyUI MASK [batch, height, width] for {what}, got {shape}")
     with torch.inference_mode(False):
         out = mask.detach().to("cpu", torch.float32).clone()
-        return out.unsqueeze(0) if out.dim() == 2 else out
+        out = out.unsqueeze(0) if out.dim() == 2 else out
+    if out.numel() == 0:
+        raise ValueError(f"the {what} input is empty (shape {tuple(out.shape)}); connect a painted mask or "
+                         "disconnect it")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"the {what} input holds NaN or infinite values; check the node that produced it")
+    empty = [i + 1 for i in range(out.shape[0]) if not (out[i] > 0).any()]
+    if empty:
+        raise ValueError(
+            f"{what} {', '.join(map(str, empty))} of {out.shape[0]} is all zero, so it marks no area (LoadImage gives "
+            "an all-zero mask for a picture without transparency); paint the area in the mask editor or "
+            "disconnect the mask")
+    return out
 
 
 @dataclass

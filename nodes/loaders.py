@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from rectifid_core.devices import parse_device
 from rectifid_core.flows import FLOW_TYPES, PREDICTION_TYPES, load_flow
 from rectifid_core.objectives.face_models import PACK_NAME, PROVIDER_CHOICES
 from rectifid_core.pipeline import (auto_dtype, load_clip_discriminator, load_face_discriminator,
@@ -27,9 +28,7 @@ def resolve_device(choice: str) -> torch.device:
         raise ValueError(f"unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}")
     if choice == "auto":
         return bridge.torch_device()
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was chosen but torch sees no CUDA GPU; choose 'auto' or 'cpu'")
-    return torch.device(choice)
+    return parse_device(choice, "the device input")
 
 
 def _device_input() -> tuple:

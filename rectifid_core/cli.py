@@ -25,8 +25,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo
+from .devices import parse_device
+from .guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes
 from .objectives.faces import FACE_SELECTIONS
+from .objectives.onnx_convert import UnsupportedOnnxOperator
 from .pipeline import (SUBJECT_KINDS, PersonalizeSettings, auto_dtype, load_clip_discriminator,
                        load_face_discriminator, load_object_discriminator, multi_subject_objective, personalize,
                        subject_objective, unique_labels)
@@ -144,6 +146,58 @@ def _check_dir(path: Path | None, flag: str, needed_for: str) -> Path:
     return path.expanduser()
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse an output path that cannot be written, before minutes of loading and sampling are spent."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name such as {path / 'rectifid.png'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, so the folder cannot be created there")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag} {path}: no permission to write in {parent}; choose another location")
+
+
+def check_image_format(path: Path, flag: str) -> None:
+    """The output's suffix must name a format PIL can write; found out at the end, it would lose the images."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise UsageError(f"{flag} {path}: cannot tell which image format to write from the suffix "
+                         f"{path.suffix or '(none)'!r}; end the name in .png (lossless), .jpg or .webp")
+
+
+def check_image_size(width: int | None, height: int | None, factor: int) -> None:
+    """Width and height must be positive multiples of the VAE factor (None = the flow's default)."""
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None and (value <= 0 or value % factor):
+            near = sorted({max(factor, value // factor * factor), max(factor, -(-value // factor) * factor)})
+            raise UsageError(f"{flag} {value} is not a positive multiple of {factor} (the flow's VAE works on "
+                             f"{factor}x{factor} pixel blocks); use {' or '.join(map(str, near))}")
+
+
+def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int) -> str | None:
+    """Why a generation of latent `shape` will not fit in `free_bytes`, or None when the estimate says it fits.
+
+    Uses the leanest mode allowed by `memory` ("auto" may fall back to checkpointing).
+    """
+    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
+    need = estimate_guidance_bytes(shape, flow.num_windows, family, flow.dtype)
+    mode = "store" if memory == "store" else "checkpoint"
+    if need[mode] <= free_bytes:
+        return None
+    gib = 1024 ** 3
+    _, _, h, w = shape
+    f = flow.vae_scale_factor
+    return (f"{w * f}x{h * f} with batch size {shape[0]} needs about {need[mode] / gib:.1f} GiB of GPU memory for "
+            f"guidance (memory mode {mode}), but only {free_bytes / gib:.1f} GiB are free; use a smaller size or "
+            "batch size" + ("" if mode == "checkpoint" else ", or --memory checkpoint") + ", or close other GPU jobs")
+
+
 def output_paths(output: Path, prompts: int, batch: int) -> list[list[Path]]:
     """One path per prompt and batch image; the plain path when there is only one image."""
     if prompts == 1 and batch == 1:
@@ -190,8 +244,10 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Load everything once, then personalize every prompt; returns the history written to JSON."""
     from .flows import load_flow
+    from .flows.loading import inspect_flow_folder, vae_scale_factor
     from .images import load_image
 
+    # every check that needs no model runs first: a mistake must not cost minutes of loading
     specs = [parse_subject(s) for s in args.subject]
     if args.weight is not None and (len(specs) == 1 or len(args.weight) != len(specs)):
         raise UsageError(f"--weight is per subject in a multi-subject run: got {len(args.weight)} weights for "
@@ -200,26 +256,41 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError("--prompt must not be empty")
     flow_dir = _check_dir(args.flow, "--flow", "the flow")
     kinds = {s.kind for s in specs}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else \
-        torch.device(args.device)
+    faces_dir = _check_dir(args.faces, "--faces", "a face subject") if "face" in kinds else None
+    object_dirs = (_check_dir(args.dinov2, "--dinov2", "an object subject"),
+                   _check_dir(args.owlvit, "--owlvit", "an object subject")) if "object" in kinds else None
+    clip_dir = _check_dir(args.clip, "--clip", "a clip subject") if "clip" in kinds else None
+    device = parse_device(args.device, "--device")
+    check_writable(args.output, "--output")
+    check_image_format(args.output, "--output")
+    if args.history is not None:
+        check_writable(args.history, "--history")
+    inspect_flow_folder(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type)
+    check_image_size(args.width, args.height, vae_scale_factor(flow_dir))
+    references = {path: load_image(path) for spec in specs for path in spec.images}
     discriminators = {}
-    if "face" in kinds:
-        discriminators["face"] = load_face_discriminator(_check_dir(args.faces, "--faces", "a face subject"),
-                                                         provider=args.provider, device=device)
-    if "object" in kinds:
-        discriminators["object"] = load_object_discriminator(
-            _check_dir(args.dinov2, "--dinov2", "an object subject"),
-            _check_dir(args.owlvit, "--owlvit", "an object subject"), device=device)
-    if "clip" in kinds:
-        discriminators["clip"] = load_clip_discriminator(_check_dir(args.clip, "--clip", "a clip subject"),
-                                                         device=device)
+    if faces_dir:
+        discriminators["face"] = load_face_discriminator(faces_dir, provider=args.provider, device=device)
+    if object_dirs:
+        discriminators["object"] = load_object_discriminator(*object_dirs, device=device)
+    if clip_dir:
+        discriminators["clip"] = load_clip_discriminator(clip_dir, device=device)
     dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
     flow = load_flow(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type, dtype=dtype,
                      device=device)
 
+    if device.type == "cuda":  # auto sizes are the flow's own, known once it is loaded
+        native = flow.defaults()
+        height = native.height if args.height is None else args.height
+        width = native.width if args.width is None else args.width
+        free, _ = torch.cuda.mem_get_info(device)
+        refusal = memory_refusal(flow, flow.latent_shape(args.batch_size, height, width), args.memory, free)
+        if refusal:
+            raise UsageError(refusal)
+
     objectives = []
     for spec in specs:
-        refs = [t for path in spec.images for t in load_image(path).split(1)]
+        refs = [t for path in spec.images for t in references[path].split(1)]
         objectives.append(subject_objective(discriminators[spec.kind], refs, label=spec.label,
                                             selection=args.selection, l1_weight=args.l1_weight))
     labels = unique_labels([s.label for s in specs])
@@ -260,7 +331,12 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `rectifid` / `python -m rectifid_core`; returns the exit status."""
+    """Entry point of `rectifid` / `python -m rectifid_core`; returns the exit status.
+
+    User errors (bad arguments, missing or damaged files, wrong models, a missing
+    package) print one `rectifid: error: ...` message and exit with 2; running out
+    of GPU memory exits with 1; anything else is a bug and keeps its traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -269,8 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         sys.stderr.write(f"rectifid: error: {exc}\n")
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ValueError, OSError, ImportError, UnsupportedOnnxOperator) as exc:  # FileNotFoundError, DamagedModelFile..
         sys.stderr.write(f"\nrectifid: error: {exc}\n")
+        return 2
+    except torch.OutOfMemoryError as exc:
+        sys.stderr.write(f"\nrectifid: error: out of GPU memory ({str(exc).splitlines()[0]}); use --memory "
+                         "checkpoint, a smaller --width/--height or --batch-size 1\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("\nrectifid: interrupted\n")

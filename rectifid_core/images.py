@@ -12,13 +12,49 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
 ALPHA_MODES = ("white", "black", "drop")
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# float pixels this far outside 0..1 are rounding (resampling overshoot, fp16) and are clamped; beyond it an
+# upstream node produced another range, which clamping would silently turn into a white or black image
+PIXEL_TOLERANCE = 1e-3
+
+
+def check_pixel_values(images: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """Refuse empty batches, NaN/inf and values outside 0..1 (beyond rounding); clamp the rounding.
+
+    `images` is [B, ...] with the batch first; messages count images from 1.
+    """
+    if images.shape[0] == 0:
+        raise ValueError(f"the {what} input is an empty batch (0 images); connect a node that outputs images")
+    if images[0].numel() == 0:
+        raise ValueError(f"the {what} input has zero size {tuple(images.shape)}; check the node that produced it")
+    flat = images.detach().reshape(images.shape[0], -1).float()
+    bad = ~torch.isfinite(flat)
+    if bad.any():
+        i = int(bad.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"{what} {i + 1} of {images.shape[0]} has {int(bad[i].sum())} NaN or infinite pixel values; the node "
+            "that produced it failed (an fp16 overflow in a VAE decode is common: decode in fp32 or bf16)")
+    outside = ((flat < -PIXEL_TOLERANCE) | (flat > 1.0 + PIXEL_TOLERANCE)).any(dim=1)
+    if outside.any():
+        i = int(outside.nonzero()[0])
+        lo, hi = float(flat[i].min()), float(flat[i].max())
+        if lo >= -1.0 - PIXEL_TOLERANCE and lo < -PIXEL_TOLERANCE and hi <= 1.0 + PIXEL_TOLERANCE:
+            hint = "it looks like -1..1: map it with (x + 1) / 2"
+        elif lo >= -PIXEL_TOLERANCE and hi <= 255.0 + PIXEL_TOLERANCE:
+            hint = "it looks like 0..255: divide it by 255"
+        else:
+            hint = "rescale it to 0..1"
+        raise ValueError(
+            f"{what} {i + 1} of {images.shape[0]} has pixel values from {lo:.4g} to {hi:.4g}, but images must lie in "
+            f"0..1; {hint} (or fix the node that produced it)")
+    return images.clamp(0.0, 1.0)
 
 
 def pil_to_tensor(image: Image.Image, *, alpha: str = "white") -> torch.Tensor:
@@ -38,8 +74,11 @@ def pil_to_tensor(image: Image.Image, *, alpha: str = "white") -> torch.Tensor:
         return _gray_to_tensor(np.clip(gray, 0.0, 1.0))
     if mode == "F":
         gray = np.asarray(image, dtype=np.float64)
-        scale = 1.0 if gray.size == 0 or np.nanmax(gray) <= 1.0 else 255.0
-        return _gray_to_tensor(np.clip(np.nan_to_num(gray / scale), 0.0, 1.0))
+        if not np.isfinite(gray).all():
+            raise ValueError(f"the 32-bit float image has {int((~np.isfinite(gray)).sum())} NaN or infinite pixels; "
+                             "save it again without them")
+        scale = 1.0 if gray.size == 0 or gray.max() <= 1.0 else 255.0
+        return _gray_to_tensor(np.clip(gray / scale, 0.0, 1.0))
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("LA", "La", "PA", "RGBa"):
@@ -61,13 +100,27 @@ def _gray_to_tensor(gray: np.ndarray) -> torch.Tensor:
     return t.expand(3, *t.shape).unsqueeze(0).contiguous()
 
 
-def load_image(path: Union[str, os.PathLike], *, alpha: str = "white") -> torch.Tensor:
-    """Read an image file -> [1,3,H,W] float 0..1."""
+def open_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Read an image file upright: EXIF orientation applied, as ComfyUI's LoadImage does for phone photos."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as im:
-        im.load()
-        return pil_to_tensor(im, alpha=alpha)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im)
+    except UnidentifiedImageError as exc:
+        raise ValueError(f"{path} is not an image file PIL can read (PNG, JPEG, WebP, ...)") from exc
+    except OSError as exc:  # truncated or corrupt data after a valid header
+        raise ValueError(f"{path} is a damaged image file ({exc}); save or download it again") from exc
+
+
+def load_image(path: Union[str, os.PathLike], *, alpha: str = "white") -> torch.Tensor:
+    """Read an image file -> [1,3,H,W] float 0..1, upright (EXIF orientation applied)."""
+    image = open_image(path)
+    try:
+        return pil_to_tensor(image, alpha=alpha)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
 
 
 def to_image_batch(image: ImageLike, *, alpha: str = "white") -> torch.Tensor:
@@ -95,17 +148,13 @@ def to_image_batch(image: ImageLike, *, alpha: str = "white") -> torch.Tensor:
         t = image.unsqueeze(0) if image.ndim == 3 else image
         if t.ndim != 4 or t.shape[1] not in (1, 3, 4):
             raise ValueError(f"tensor image must be [3,H,W] or [B,C,H,W] with C in 1,3,4, got {tuple(image.shape)}")
-        t = t.float()
-        if t.numel() and (float(t.min()) < -1e-3 or float(t.max()) > 1.0 + 1e-3):
-            raise ValueError(
-                f"tensor image values must lie in 0..1, got min {float(t.min()):.3g} max {float(t.max()):.3g}"
-            )
+        t = check_pixel_values(t.float())
         if t.shape[1] == 1:
             t = t.expand(-1, 3, -1, -1)
         elif t.shape[1] == 4:
             rgb, a = t[:, :3], t[:, 3:]
             t = {"white": rgb * a + (1 - a), "black": rgb * a, "drop": rgb}[alpha]
-        return t.clamp(0.0, 1.0).contiguous()
+        return t.contiguous()
     raise TypeError(f"unsupported image type {type(image).__name__}; expected PIL image, numpy array or tensor")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -89,7 +89,7 @@ class LoadImage:
 
     def load_image(self, image: str) -> tuple:
         with Image.open(self.input_dir / image) as im:
-            rgba = im.convert("RGBA")
+            rgba = ImageOps.exif_transpose(im).convert("RGBA")  # as ComfyUI's LoadImage: phone photos upright
         array = np.asarray(rgba, dtype=np.float32) / 255.0
         return torch.from_numpy(array[..., :3].copy())[None], 1.0 - torch.from_numpy(array[..., 3].copy())[None]
 

@@ -18,7 +18,6 @@ Detection (each step can be overridden by the caller):
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import warnings
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..model_files import check_weight_files, read_json_file
 from .base import RectifiedFlow
 from .euler import EulerVelocityFlow
 from .perflow import PeRFlow
@@ -39,6 +39,7 @@ PREDICTION_TYPES = ("auto",) + PERFLOW_PREDICTIONS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 _EULER_PIPELINES = ("RectifiedFlowPipeline", "InstaFlowPipeline")
+_SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *_EULER_PIPELINES)
 _EULER_NAME_HINTS = ("instaflow", "rectified_flow", "rectified-flow", "2rflow", "2_rflow", "2-rflow")
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
                  "text_encoder": "model", "text_encoder_2": "model"}
@@ -78,10 +79,31 @@ class FlowFolderInfo:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    return read_json_file(path, f"{path.parent.name}/{path.name}")
+
+
+def _check_architecture(root: Path, pipeline_class: str | None, explicit: bool) -> None:
+    """Refuse SD pipelines this loader cannot sample (inpainting, SD3, ...) before any weights are read.
+
+    An explicit flow type skips the pipeline-class test (custom class names), never the UNet test.
+    """
+    if not explicit and pipeline_class is not None and pipeline_class not in _SUPPORTED_PIPELINES and not any(
+            hint in pipeline_class.lower() for hint in ("perflow", "rectifiedflow", "instaflow")):
+        raise ValueError(
+            f"{root / 'model_index.json'} names {pipeline_class}, a pipeline this loader does not support: it loads "
+            f"text-to-image SD1.x / SD2.x / SDXL rectified flows ({', '.join(_SUPPORTED_PIPELINES)}). Choose a "
+            f"PeRFlow, InstaFlow or 2-rectified-flow folder, or set the flow type if this one really is one.")
+    unet = _read_json(root / "unet" / "config.json")
+    vae = _read_json(root / "vae" / "config.json")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ValueError(f"{root / 'unet' / 'config.json'} describes a {unet.get('_class_name')}, not the "
+                         "UNet2DConditionModel of a Stable Diffusion rectified flow; choose another folder")
+    channels = int(vae.get("latent_channels", 4))
+    if int(unet.get("in_channels", channels)) != channels:
+        raise ValueError(
+            f"{root / 'unet' / 'config.json'} takes {unet.get('in_channels')} input channels but the VAE makes "
+            f"{channels}-channel latents: an inpainting or image-conditioned UNet, which RectifID cannot sample; "
+            "choose a text-to-image flow folder")
 
 
 def _check_parts(root: Path, sdxl: bool) -> None:
@@ -106,16 +128,17 @@ def _weight_files(folder: Path, stem: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if pattern.match(p.name))
 
 
+def _file_variant(name: str) -> str | None:
+    """'model.fp16.safetensors' -> 'fp16', 'model.safetensors.index.fp16.json' -> 'fp16', plain names -> None."""
+    parts = name.split(".")
+    if parts[-1] == "json":
+        return parts[-2] if parts[-2] != "index" else None
+    return parts[1] if len(parts) == 3 else None
+
+
 def _variant(folder: Path, stem: str, dtype: torch.dtype) -> str | None:
     """The weights variant to load (e.g. PeRFlow SDXL ships only `*.v0-fix.safetensors`)."""
-    names = _weight_files(folder, stem)
-    variants = set()
-    for name in names:
-        parts = name.split(".")
-        if parts[-1] == "json":  # model.safetensors.index[.variant].json
-            variants.add(parts[-2] if parts[-2] != "index" else None)
-        else:
-            variants.add(parts[1] if len(parts) == 3 else None)
+    variants = {_file_variant(name) for name in _weight_files(folder, stem)}
     if None in variants or not variants:
         return None
     preferred = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
@@ -176,6 +199,7 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
     pipeline_class = index.get("_class_name")
     scheduler_class = scheduler_config.get("_class_name")
+    _check_architecture(root, pipeline_class, explicit=flow_type != "auto")
     reasons: list[str] = []
     if flow_type == "auto":
         flow_type = _detect_flow_type(root, pipeline_class, scheduler_class, reasons)
@@ -196,6 +220,12 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
         num_windows=int(scheduler_config.get("num_time_windows", 4)) if flow_type == "perflow" else 4,
         pipeline_class=pipeline_class, scheduler_class=scheduler_class, scheduler_config=scheduler_config,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)), reasons=reasons)
+
+
+def vae_scale_factor(path: str | Path) -> int:
+    """Pixels per latent cell of a flow folder's VAE (8 for SD1.x, SD2.x and SDXL), read from its config."""
+    blocks = _read_json(Path(path).expanduser() / "vae" / "config.json").get("block_out_channels", [0] * 4)
+    return 2 ** (len(blocks) - 1)
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -225,10 +255,13 @@ def load_components(info: FlowFolderInfo, dtype: torch.dtype) -> StableDiffusion
 
     def model(cls: Any, part: str) -> Any:
         folder = root / part
+        variant = _variant(folder, _WEIGHT_STEMS[part], dtype)
+        # a damaged file is named here, before diffusers / transformers fail on it with their own words
+        names = _weight_files(folder, _WEIGHT_STEMS[part])
+        check_weight_files(folder, [n for n in names if _file_variant(n) == variant])
         # diffusers and transformers 5 name the dtype argument differently
         dtype_arg = {"torch_dtype" if part in ("unet", "vae") else "dtype": part_dtype.get(part, dtype)}
-        return cls.from_pretrained(folder, local_files_only=True, variant=_variant(folder, _WEIGHT_STEMS[part], dtype),
-                                   **dtype_arg)
+        return cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
 
     def tokenizer(part: str) -> Any:
         return CLIPTokenizer.from_pretrained(root / part, local_files_only=True)

@@ -54,6 +54,22 @@ def candidate_folders(root: Union[str, os.PathLike]) -> list[Path]:
     ]
 
 
+def pack_folder(folder: Union[str, os.PathLike]) -> Optional[Path]:
+    """The folder holding a pack's .onnx files: `folder` itself or its nested `folder/<same name>`; else None.
+
+    The loader node lists packs with it; it accepts the same nested layout
+    (`antelopev2/antelopev2/`, left by unzipping) that `candidate_folders` searches.
+    """
+    folder = Path(folder)
+    for candidate in (folder, folder / folder.name):
+        try:
+            if candidate.is_dir() and any(p.suffix == ".onnx" for p in candidate.iterdir()):
+                return candidate
+        except OSError:  # unreadable folder or a symlink loop: not a pack
+            continue
+    return None
+
+
 def find_antelopev2(root: Union[str, os.PathLike]) -> Path:
     """Folder under `root` holding the detector and recognizer; FileNotFoundError lists every place looked at."""
     folders = candidate_folders(root)
@@ -88,13 +104,26 @@ def resolve_providers(choice: str = "auto", available: Optional[Sequence[str]] =
     wanted = PROVIDERS[key]
     if wanted in available:
         return [wanted] if wanted == cpu else [wanted, cpu]
-    message = (
-        f"onnxruntime execution provider {wanted} is not available (available: {', '.join(available)}); "
-        "the face detector runs on CPU instead"
-    )
-    warnings.warn(message, RuntimeWarning, stacklevel=2)
-    logger.warning(message)
+    _warn(f"onnxruntime execution provider {wanted} is not available (available: {', '.join(available)}); "
+          "the face detector runs on CPU instead. Install onnxruntime-gpu (only, not next to onnxruntime) "
+          "for CUDA, or choose provider 'cpu'")
     return [cpu]
+
+
+def _warn(message: str) -> None:
+    """Both channels: ComfyUI's console shows the log, tests and scripts see the warning."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def check_session_providers(requested: Sequence[str], active: Sequence[str]) -> None:
+    """Warn when onnxruntime quietly dropped the GPU provider it was asked for (e.g. CUDA libraries missing)."""
+    wanted = requested[0]
+    if wanted != PROVIDERS["cpu"] and wanted not in active:
+        _warn(f"onnxruntime was asked for {wanted} but the face detector session runs on {', '.join(active)}: "
+              "the GPU provider could not start (often a CUDA / cuDNN version that does not match "
+              "onnxruntime-gpu). Detection still works, only slower; install the matching onnxruntime-gpu "
+              "or choose provider 'cpu' to silence this")
 
 
 class ScrfdDetector:
@@ -218,28 +247,37 @@ def load_face_models(
     """Load SCRFD (onnxruntime, `provider`) and ArcFace (torch, `device`) from an antelopev2 folder."""
     folder = find_antelopev2(root)
     try:
-        import onnx
         import onnxruntime
+        from onnx.external_data_helper import load_external_data_for_model
     except ImportError as exc:
         raise ImportError(
             "the face models need onnx and onnxruntime: pip install onnx onnxruntime-gpu (NVIDIA) "
             "or onnx onnxruntime (CPU)"
         ) from exc
+
+    from ..model_files import check_onnx_file
     from .onnx_convert import onnx_to_torch
 
+    detector_file, recognizer_file = folder / DETECTOR_FILE, folder / RECOGNIZER_FILE
+    check_onnx_file(detector_file)  # a damaged file must not be blamed on the GPU provider below
+    proto = check_onnx_file(recognizer_file)
+    load_external_data_for_model(proto, str(folder))
     providers = resolve_providers(provider)
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = onnxruntime.InferenceSession(str(folder / DETECTOR_FILE), sess_options=options, providers=providers)
+        session = onnxruntime.InferenceSession(str(detector_file), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own types; a broken provider install must not stop the run
         if providers == [PROVIDERS["cpu"]]:
-            raise RuntimeError(f"could not load the face detector {folder / DETECTOR_FILE}: {exc}") from exc
-        warnings.warn(f"{providers[0]} failed to start ({exc}); the face detector runs on CPU", RuntimeWarning)
+            raise ValueError(f"onnxruntime cannot run the face detector {detector_file} ({exc}); it is not the "
+                             f"{DETECTOR_FILE} of the antelopev2 pack, or it is damaged: download the pack again") \
+                from exc
+        _warn(f"{providers[0]} failed to start ({exc}); the face detector runs on CPU. Install the onnxruntime-gpu "
+              "build matching your CUDA, or choose provider 'cpu'")
         providers = [PROVIDERS["cpu"]]
-        session = onnxruntime.InferenceSession(str(folder / DETECTOR_FILE), sess_options=options, providers=providers)
+        session = onnxruntime.InferenceSession(str(detector_file), sess_options=options, providers=providers)
+    check_session_providers(providers, session.get_providers())
     detector = ScrfdDetector(session, input_size=detector_size)
-    proto = onnx.load(str(folder / RECOGNIZER_FILE))
     mean, std = recognizer_input_range(proto)
     recognizer = onnx_to_torch(proto).to(device)
     return FaceModels(

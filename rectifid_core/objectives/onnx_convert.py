@@ -246,11 +246,19 @@ class OnnxGraphModule(nn.Module):
 
 
 def onnx_to_torch(source: Union[str, os.PathLike, Any]) -> OnnxGraphModule:
-    """Load an ONNX file (or ModelProto) as a frozen, eval-mode torch module."""
-    import onnx
+    """Load an ONNX file (or ModelProto) as a frozen, eval-mode torch module.
 
+    A file is checked first (empty, truncated, external data outside its folder)
+    so that a damaged download is named instead of failing inside protobuf.
+    """
     if isinstance(source, (str, os.PathLike)):
+        from onnx.external_data_helper import load_external_data_for_model
+
+        from ..model_files import check_onnx_file
+
         if not os.path.isfile(source):
             raise FileNotFoundError(f"ONNX model not found: {source}")
-        source = onnx.load(os.fspath(source))
+        path = source
+        source = check_onnx_file(path)
+        load_external_data_for_model(source, os.path.dirname(os.path.abspath(path)))
     return OnnxGraphModule(source).eval()

@@ -11,7 +11,6 @@ label that finds nothing in a reference photo is an error.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..images import ImageLike, as_reference_list, to_uint8_hwc
+from ..model_files import check_model_type, check_weight_files, read_json_file
 from .base import ObjectiveOutput
 from .common import AVERAGES, average_embeddings, check_image_batch
 from .detections import Candidate, Detections, LocatedSubject, clip_box, crop, describe_choice
@@ -32,8 +32,11 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
-def _check_folder(path: Union[str, os.PathLike], what: str, extra: Sequence[str]) -> Path:
-    """FileNotFoundError naming every file a transformers folder for `what` must hold."""
+def _check_folder(path: Union[str, os.PathLike], what: str, extra: Sequence[str], model_types: Sequence[str],
+                  slot: str) -> Path:
+    """FileNotFoundError naming every file a transformers folder for `what` must hold; then its
+    config.json must name one of `model_types` (a CLIP folder in the DINOv2 slot is refused before
+    transformers half-loads it) and its weight files must be intact."""
     folder = Path(path).expanduser()
     problems = []
     if not folder.is_dir():
@@ -52,6 +55,8 @@ def _check_folder(path: Union[str, os.PathLike], what: str, extra: Sequence[str]
             f"{', '.join(e.replace('|', ' or ') for e in extra)} "
             f"(e.g. a local snapshot of the Hugging Face repository)"
         )
+    check_model_type(folder, model_types, what, slot)
+    check_weight_files(folder, [w for w in WEIGHT_FILES if (folder / w).is_file()])
     return folder
 
 
@@ -109,7 +114,8 @@ def load_owlvit(path: Union[str, os.PathLike], device: Union[str, torch.device] 
     """OWL-ViT detector from a local transformers folder (model + processor with its CLIP tokenizer)."""
     from transformers import OwlViTForObjectDetection, OwlViTProcessor
 
-    folder = _check_folder(path, "OWL-ViT", ("preprocessor_config.json|processor_config.json", "tokenizer_config.json"))
+    folder = _check_folder(path, "OWL-ViT", ("preprocessor_config.json|processor_config.json", "tokenizer_config.json"),
+                           ("owlvit",), "the owlvit input (OWL-ViT v1; OWLv2 folders are not supported)")
     model = OwlViTForObjectDetection.from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     processor = OwlViTProcessor.from_pretrained(folder, local_files_only=True)
@@ -163,7 +169,7 @@ class ImageEncoder:
 def _preprocessing(folder: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Mean, std and input size from preprocessor_config.json (no image-processor class
     needed: the fast ones require torchvision)."""
-    cfg = json.loads((folder / "preprocessor_config.json").read_text())
+    cfg = read_json_file(folder / "preprocessor_config.json", "image preprocessing config")
     size = cfg.get("crop_size") or cfg.get("size") or {}
     if isinstance(size, int):
         hw = (size, size)
@@ -180,10 +186,11 @@ def _preprocessing(folder: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[int,
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32), hw
 
 
-def _load_encoder(path, cls_name: str, kind: str, resize: str, what: str, device, dtype) -> ImageEncoder:
+def _load_encoder(path, cls_name: str, kind: str, resize: str, what: str, model_types: Sequence[str], device,
+                  dtype) -> ImageEncoder:
     import transformers
 
-    folder = _check_folder(path, what, ("preprocessor_config.json",))
+    folder = _check_folder(path, what, ("preprocessor_config.json",), model_types, f"the {kind} input")
     mean, std, size = _preprocessing(folder)
     model = getattr(transformers, cls_name).from_pretrained(folder, local_files_only=True, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
@@ -192,12 +199,13 @@ def _load_encoder(path, cls_name: str, kind: str, resize: str, what: str, device
 
 def load_dinov2(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
     """DINOv2 (transformers Dinov2Model folder) as a CLS-token encoder of subject crops."""
-    return _load_encoder(path, "Dinov2Model", "dinov2", "stretch", "DINOv2", device, dtype)
+    return _load_encoder(path, "Dinov2Model", "dinov2", "stretch", "DINOv2", ("dinov2",), device, dtype)
 
 
 def load_clip_vision(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> ImageEncoder:
     """CLIP vision tower with projection (CLIPVisionModelWithProjection folder)."""
-    return _load_encoder(path, "CLIPVisionModelWithProjection", "clip", "center_crop", "CLIP vision", device, dtype)
+    return _load_encoder(path, "CLIPVisionModelWithProjection", "clip", "center_crop", "CLIP vision",
+                         ("clip", "clip_vision_model"), device, dtype)
 
 
 NOT_FOUND = ("whole_image", "skip")
