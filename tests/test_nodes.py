@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import os
 import subprocess
 import sys
@@ -75,13 +76,54 @@ def test_seed_widget_has_generate_control():
     assert ce.extra_widget_values("seed", seed) == 1
 
 
-def test_sampler_defaults_are_the_papers():
-    req = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]
-    assert req["windows"][1]["default"] == 4
+def test_sampler_inputs_and_outputs():
+    """Saved workflows store widget values by position: the order of the inputs is part of the node's contract."""
+    sampler = CLASSES["RectifIDSampler"]
+    req = sampler.INPUT_TYPES()["required"]
+    assert list(req) == ["flow", "objective", "positive", "negative", "width", "height", "seed", "steps", "iterations",
+                         "guidance_scale", "cfg", "ck_mode", "solver", "memory", "batch_size"]
+    for name in ("width", "height", "steps", "guidance_scale", "cfg"):
+        assert req[name][1]["default"] == 0 and req[name][1]["min"] == 0, name  # 0 = auto
+        assert "0 = auto" in req[name][1]["tooltip"], name
     assert req["iterations"][1]["default"] == 20 and req["iterations"][1]["max"] >= 200
-    assert req["guidance_scale"][1]["default"] == 1.0
-    assert req["cfg"][1]["default"] == 3.0
-    assert {"anchored", "no_anchor", "noise_gd"} <= set(req["solver"][0])
+    assert {"anchored", "no_anchor", "noise_gd"} <= set(req["solver"][0]) and req["solver"][1]["default"] == "anchored"
+    assert sampler.RETURN_TYPES == ("IMAGE", "LATENT", "IMAGE", "STRING")
+    assert sampler.RETURN_NAMES == ("images", "latent", "history_plot", "report")
+
+
+# a choice a tooltip names: "name = ..." / "name / ..." or a snake_case word; file names and paths are not choices
+NAMED_CHOICE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)\s+(?:=|/)\s|(?<![\w./-])([a-z][a-z0-9]*_[a-z0-9_]+)(?![\w./-])")
+MATH_SYMBOL = re.compile(r"[a-z]+_[a-z0-9]")  # c_k, gamma_k
+STATED_DEFAULT = re.compile(r"\bdefault[: ]\s*'?([\w.]+)|'?([\w.]+)'? \(the default\)|\b([\w.]+) default\b")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def test_tooltips_name_real_choices_and_true_defaults(node):
+    """A combo's tooltip names only choices that exist; a default a tooltip states is the input's real default."""
+    name, cls = node
+    for section in ("required", "optional"):
+        for inp, spec in cls.INPUT_TYPES().get(section, {}).items():
+            kind, opts = ce.input_kind(spec), ce.input_options(spec)
+            tooltip = opts.get("tooltip", "")
+            if kind == "COMBO":
+                for match in NAMED_CHOICE.finditer(tooltip):
+                    word = match.group(1) or match.group(2)
+                    assert word in spec[0] or MATH_SYMBOL.fullmatch(word), \
+                        f"{name}.{inp}: the tooltip names {word!r}, which is not one of {list(spec[0])}"
+            for match in STATED_DEFAULT.finditer(tooltip):
+                stated = next(g for g in match.groups() if g)
+                real = opts.get("default", spec[0][0] if kind == "COMBO" else None)
+                number = _as_number(stated)
+                if number is None and kind != "COMBO":
+                    continue  # "default" in prose about something else
+                same = number == real if number is not None and isinstance(real, (int, float)) else stated == real
+                assert same, f"{name}.{inp}: tooltip states default {stated!r}, the real default is {real!r}"
 
 
 def test_model_combos_list_folders(tmp_path, monkeypatch):
