@@ -65,18 +65,21 @@ def memory_needed(flow: Any, settings: PersonalizeSettings, device: torch.device
     return _bytes_off_device(flow, device) + int(ESTIMATE_MARGIN * activations)
 
 
-def _shown(value: float, chosen: float | None) -> str:
-    return f"{value:g} (auto)" if chosen is None else f"{value:g}"
+def _shown(value: float, asked: float | None) -> str:
+    return f"{value:g} (auto)" if asked is None else f"{value:g}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
     """The run in words: the settings used (auto ones marked), every subject's similarity, the warnings."""
-    used = result.settings
-    g = used.guidance
+    used, g = result.settings, result.settings.guidance
     lines = [f"settings: {_shown(used.width, asked.width)} x {_shown(used.height, asked.height)} px, "
-             f"{_shown(used.num_steps, asked.num_steps)} steps, {g.iterations} iterations, guidance scale "
-             f"{_shown(g.scale, asked.guidance.scale)}, CFG {_shown(used.cfg_scale, asked.cfg_scale)}, solver "
-             f"{g.mode}, c_k {g.ck_mode}, memory {g.memory}, seed {used.seed}, batch {used.batch_size}"]
+             f"{_shown(used.num_steps, asked.num_steps)} steps, {_plural(g.iterations, 'iteration')}, guidance scale "
+             f"{_shown(g.scale, asked.guidance.scale)}, CFG {_shown(used.cfg_scale, asked.cfg_scale)}, solver {g.mode}, "
+             f"c_k {g.ck_mode}, memory {g.memory}, seed {used.seed}, batch {used.batch_size}"]
     for name, value in result.final_similarities.items():
         series = [v for v in result.similarities.get(name, []) if v is not None]
         start = f" (first iteration {series[0]:.3f}, best {max(series):.3f})" if series else ""
@@ -84,8 +87,8 @@ def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
         lines.append(f"{name}: similarity {shown}{start}")
     n = len(result.losses)
     if n and result.final_loss is not None:
-        lines.append(f"loss {result.losses[0]:.3f} before guidance, {result.final_loss:.3f} after {n} "
-                     f"iteration{'s' if n != 1 else ''}")
+        lines.append(f"loss {result.losses[0]:.3f} before guidance, {result.final_loss:.3f} after "
+                     f"{_plural(n, 'iteration')}")
     if result.stopped_early:
         lines.append(f"stopped early: {result.stopped_early}")
     lines += [f"warning: {w}" for w in result.warnings]
