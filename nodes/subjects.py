@@ -6,10 +6,8 @@ from typing import Any
 
 import torch
 
-from rectifid_core.objectives.faces import FACE_SELECTIONS
 from rectifid_core.pipeline import (LOCATE_POLICIES, Discriminator, box_mask, locate_subject,
-                                    multi_subject_objective, square_crop, subject_objective)
-from rectifid_core.plots import draw_boxes
+                                    multi_subject_objective, reference_previews, square_crop, subject_objective)
 
 from .common import (CATEGORY, DISCRIMINATOR, OBJECTIVE, SUBJECT, ObjectiveBundle, Subject, autograd_enabled,
                      image_to_comfy, image_to_core, mask_to_core)
@@ -31,9 +29,10 @@ class RectifIDDetectCrop:
                 "model": (DISCRIMINATOR, {"tooltip": "Face model (finds faces) or object models (find the label)."}),
                 "image": ("IMAGE", {"tooltip": "Photo(s) to search; one crop per image."}),
                 "selection": (list(LOCATE_POLICIES), {
-                    "default": "largest",
-                    "tooltip": "Which detection to keep: the largest, the one nearest the centre, the index-th from "
-                               "the left, or the largest inside the mask."}),
+                    "default": "insightface",
+                    "tooltip": "Which detection to keep: insightface (its own ranking: large and near the centre, "
+                               "as RectifID's code), largest, center (nearest the centre), index (index-th from "
+                               "the left), or mask (the largest inside the mask)."}),
                 "index": ("INT", {"default": 0, "min": -16, "max": 16,
                                   "tooltip": "For selection 'index': 0 = leftmost, -1 = rightmost."}),
                 "label": ("STRING", {"default": "", "tooltip": "Object models only: what to find, e.g. 'dog'."}),
@@ -68,7 +67,7 @@ class RectifIDDetectCrop:
             raise ValueError(f"mask batch {masks.shape[0]} does not match the image batch {images.shape[0]}")
         kwargs = {"face_models": model.models["faces"]} if model.kind == "face" else {
             "detector": model.models["detector"], "label": label}
-        crops, records, out_masks, previews = [], [], [], []
+        crops, records, out_masks, located = [], [], [], []
         for i in range(images.shape[0]):
             img = images[i:i + 1]
             region = None if masks is None else masks[min(i, masks.shape[0] - 1)]
@@ -81,11 +80,11 @@ class RectifIDDetectCrop:
             box = found.boxes[found.chosen]
             crops.append(square_crop(img, box, padding, crop_size))
             out_masks.append(box_mask(img.shape[-2], img.shape[-1], box))
-            previews.append(draw_boxes(img[0], found.boxes, found.chosen))
+            located.append(found)
             records.append({"boxes": [[round(v, 1) for v in b] for b in found.boxes],
                             "scores": [round(s, 3) for s in found.scores], "chosen": found.chosen})
         return (image_to_comfy(torch.cat(crops)), json.dumps(records), torch.stack(out_masks),
-                image_to_comfy(torch.stack(previews)))
+                image_to_comfy(reference_previews(list(images.split(1)), located)))
 
 
 class RectifIDSubject:
@@ -99,10 +98,13 @@ class RectifIDSubject:
                 "label": ("STRING", {"default": "person",
                                      "tooltip": "Name of the subject in reports. Object models also use it to find "
                                                 "the subject in the reference photos, so name its class ('dog')."}),
-                "selection": (list(FACE_SELECTIONS), {
-                    "default": "largest",
-                    "tooltip": "Faces: which face in the generated image is steered (largest, nearest the centre, "
-                               "index-th from the left). Ignored by 'Match Subjects', which assigns faces itself."}),
+                "selection": (list(LOCATE_POLICIES), {
+                    "default": "insightface",
+                    "tooltip": "Faces: which face is used in each reference photo and steered in the generated "
+                               "image: insightface (its own ranking: large and near the centre, as RectifID's "
+                               "code), largest, center (nearest the centre), index (index-th from the left), mask "
+                               "(the largest inside 'region'; references use insightface). 'Match Subjects' "
+                               "assigns the generated faces itself."}),
                 "index": ("INT", {"default": 0, "min": -16, "max": 16,
                                   "tooltip": "For selection 'index': 0 = leftmost face, -1 = rightmost."}),
                 "l1_weight": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10000.0, "step": 10.0,
@@ -116,10 +118,11 @@ class RectifIDSubject:
             },
         }
 
-    RETURN_TYPES = (SUBJECT, OBJECTIVE)
-    RETURN_NAMES = ("subject", "objective")
+    RETURN_TYPES = (SUBJECT, OBJECTIVE, "IMAGE")
+    RETURN_NAMES = ("subject", "objective", "reference_preview")
     OUTPUT_TOOLTIPS = ("This reference, for 'Match Subjects' (several subjects in one image).",
-                       "This reference alone, ready for the RectifID Sampler.")
+                       "This reference alone, ready for the RectifID Sampler.",
+                       "Each reference photo with every detection drawn and numbered; the one used in red.")
     FUNCTION = "build"
     CATEGORY = f"{CATEGORY}/reference"
     DESCRIPTION = "Builds the identity objective of one subject from reference photos."
@@ -135,7 +138,8 @@ class RectifIDSubject:
             objective = subject_objective(model, refs, label=label, selection=selection, index=index, region=area,
                                           l1_weight=l1_weight)
         subject = Subject(objective, label.strip() or model.kind, model.kind)
-        return subject, ObjectiveBundle(objective, [subject.label])
+        preview = reference_previews(refs, getattr(objective, "reference_located", None))
+        return subject, ObjectiveBundle(objective, [subject.label]), image_to_comfy(preview)
 
 
 class RectifIDMatchSubjects:

@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-subject weight, in --subject order (several subjects only; default 1)")
     s.add_argument("--l1-weight", type=float, default=0.0,
                    help="objects: pixel L1 weight on the crop, ~1000 for rigid objects (default 0)")
-    s.add_argument("--selection", default="largest", choices=FACE_SELECTIONS,
-                   help="single face subject: which face in the generated image is steered (default largest)")
+    s.add_argument("--selection", default="insightface", choices=[c for c in FACE_SELECTIONS if c != "mask"],
+                   help="single face subject: which face of each reference and of the generated image is used "
+                        "(default insightface: its own ranking, as RectifID's code)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several outputs")

@@ -12,12 +12,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .flows.base import RectifiedFlow
 from .guidance import GuidanceConfig, GuidanceResult, IterationInfo, guide, initial_noise
 from .objectives.base import Objective, as_output
+from .objectives.detections import SELECTIONS, LocatedSubject, box_mask, select
+from .plots import draw_boxes
 
 
 @dataclass
@@ -219,11 +220,12 @@ def load_clip_discriminator(path: str | os.PathLike, device: torch.device | str 
 
 
 def subject_objective(discriminator: Discriminator, references: list[torch.Tensor], *, label: str = "",
-                      selection: str = "largest", index: int = 0, region: torch.Tensor | None = None,
+                      selection: str = "insightface", index: int = 0, region: torch.Tensor | None = None,
                       l1_weight: float = 0.0) -> Objective:
     """The identity objective of one subject from its reference photos ([1,3,H,W] each).
 
-    Faces: selection/index/region choose the face steered in the generated image.
+    Faces: selection/index/region choose the face steered in the generated image; the same
+    selection and index choose the face of each reference photo ("mask": insightface's ranking).
     Objects: `label` names the subject for OWL-ViT; `l1_weight` ~1000 for rigid objects.
     """
     if not references:
@@ -232,7 +234,8 @@ def subject_objective(discriminator: Discriminator, references: list[torch.Tenso
     if kind == "face":
         from .objectives import FaceIdentityObjective
         return FaceIdentityObjective(discriminator.models["faces"], references, selection=selection, index=index,
-                                     region=region)
+                                     region=region,
+                                     reference_selection="insightface" if selection == "mask" else selection)
     if kind == "object":
         from .objectives import SubjectIdentityObjective
         return SubjectIdentityObjective(discriminator.models["encoder"], references,
@@ -257,49 +260,43 @@ def multi_subject_objective(objectives: list[Objective], kinds: list[str], label
 
 # -- finding and cropping a subject in a reference photo ------------------------------------------
 
-LOCATE_POLICIES = ("largest", "center", "index", "mask")
-
-
-@dataclass
-class LocatedSubject:
-    """Every detection in one image (pixel boxes x1 y1 x2 y2, best score first) and the chosen one."""
-
-    boxes: list[tuple[float, float, float, float]]
-    scores: list[float]
-    chosen: int | None
+LOCATE_POLICIES = SELECTIONS
 
 
 def locate_subject(image: torch.Tensor, *, face_models: Any = None, detector: Any = None, label: str = "",
-                   policy: str = "largest", index: int = 0, mask: torch.Tensor | None = None) -> LocatedSubject:
+                   policy: str = "insightface", index: int = 0, mask: torch.Tensor | None = None) -> LocatedSubject:
     """Detect faces (antelopev2) or a text-named object (OWL-ViT) in one image [1,3,H,W] and pick one.
 
-    policy: largest box, closest to the centre, index-th from the left, or the largest
-    box at least half inside `mask` ([H,W], any resolution).
+    policy: a detection selection (insightface's ranking, largest, nearest the centre,
+    index-th from the left, largest at least half inside `mask` ([H,W], any resolution)).
+    Faces are found as a reference photo's face is (FaceIdentityObjective).
     """
-    from .images import to_uint8_hwc
-    from .objectives.face_models import FaceDetections
-    from .objectives.faces import detect_faces, select_face
-
     if policy not in LOCATE_POLICIES:
         raise ValueError(f"unknown selection {policy!r}; choose one of {', '.join(LOCATE_POLICIES)}")
     if policy == "mask" and mask is None:
         raise ValueError("selection 'mask' needs a mask input that marks the subject to keep")
     if (face_models is None) == (detector is None):
         raise ValueError("give exactly one of face_models (faces) or detector (objects)")
-    h, w = image.shape[-2:]
     if face_models is not None:
-        dets = detect_faces(face_models, to_uint8_hwc(image[0]))
-    else:
-        if not label.strip():
-            raise ValueError("name the object to find (e.g. 'dog'): OWL-ViT locates it by this text label")
-        found = detector.detect_text(image[0], label.strip())
-        dets = FaceDetections(np.array([c.box for c in found], dtype=np.float32).reshape(-1, 4),
-                              np.array([c.score for c in found], dtype=np.float32), np.zeros((len(found), 5, 2)))
-    chosen = None
-    if len(dets):
-        region = mask if policy == "mask" else None
-        chosen = select_face(dets, (h, w), "largest" if policy == "mask" else policy, index, region)
-    return LocatedSubject([tuple(float(v) for v in b) for b in dets.boxes], [float(s) for s in dets.scores], chosen)
+        from .objectives.faces import locate_face
+        return locate_face(face_models, image, selection=policy, index=index, region=mask)
+    if not label.strip():
+        raise ValueError("name the object to find (e.g. 'dog'): OWL-ViT locates it by this text label")
+    found = detector.detect_text(image[0], label.strip())
+    chosen = select(found, tuple(image.shape[-2:]), policy, index, mask) if len(found) else None
+    return LocatedSubject(found, chosen)
+
+
+def reference_previews(references: list[torch.Tensor], located: list[LocatedSubject] | None) -> torch.Tensor:
+    """Each reference photo [1,3,H,W] with its detections drawn (the chosen one red, numbered from 1;
+    located None: photos as they are), padded with grey to the largest so they form one batch [B,3,H,W]."""
+    drawn = [ref[0] if located is None else draw_boxes(ref[0], found.boxes, found.chosen)
+             for ref, found in zip(references, located or references)]
+    h, w = max(d.shape[-2] for d in drawn), max(d.shape[-1] for d in drawn)
+    out = torch.full((len(drawn), 3, h, w), 0.5)
+    for k, d in enumerate(drawn):
+        out[k, :, : d.shape[-2], : d.shape[-1]] = d.float().cpu()
+    return out
 
 
 def square_crop(image: torch.Tensor, box: tuple[float, float, float, float], padding: float,
@@ -320,13 +317,3 @@ def square_crop(image: torch.Tensor, box: tuple[float, float, float, float], pad
     grid = torch.nn.functional.affine_grid(theta, [1, 3, size, size], align_corners=False)
     return torch.nn.functional.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border",
                                            align_corners=False).clamp(0, 1)
-
-
-def box_mask(height: int, width: int, box: tuple[float, float, float, float]) -> torch.Tensor:
-    """[H,W] float mask, 1 inside the (pixel-rounded) box."""
-    x1, y1, x2, y2 = box
-    mask = torch.zeros(height, width)
-    xa, ya = max(0, int(round(x1))), max(0, int(round(y1)))
-    xb, yb = min(width, int(round(x2))), min(height, int(round(y2)))
-    mask[ya:yb, xa:xb] = 1.0
-    return mask

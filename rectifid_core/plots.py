@@ -116,7 +116,8 @@ def plot_history(losses: Sequence[float], similarities: dict[str, Sequence[float
 
 def draw_boxes(image: torch.Tensor, boxes: Sequence[Sequence[float]], chosen: int | None,
                labels: Sequence[str] | None = None) -> torch.Tensor:
-    """[3,H,W] 0..1 with every box outlined: the chosen one thick red, the others thin grey."""
+    """[3,H,W] 0..1 with every box outlined: the chosen one thick red, the others thin grey; each
+    labelled with `labels[i]` or its number counted from 1."""
     array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     pil = Image.fromarray(array)
     draw = ImageDraw.Draw(pil)
@@ -127,6 +128,6 @@ def draw_boxes(image: torch.Tensor, boxes: Sequence[Sequence[float]], chosen: in
         color, thick = ((230, 30, 30), width) if i == chosen else ((170, 170, 170), max(1, width // 2))
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
         draw.rectangle((x1, y1, x2, y2), outline=color, width=thick)
-        text = labels[i] if labels is not None and i < len(labels) else str(i)
+        text = labels[i] if labels is not None and i < len(labels) else str(i + 1)
         draw.text((x1 + thick + 1, y1 + thick), text, fill=color, font=font)
     return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()

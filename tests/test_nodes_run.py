@@ -66,8 +66,8 @@ def test_flow_type_names_users_know(models, monkeypatch):
 
 def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(models):
     flow, faces = models
-    subject, bundle = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice",
-                            "largest", 0, 0.0)
+    subject, bundle, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice",
+                               "largest", 0, 0.0)
     assert bundle.labels == ["alice"] and subject.kind == "face"
     args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=11, steps=0, iterations=1,
                 guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=2)
@@ -122,7 +122,8 @@ def test_detect_and_crop_policies(models):
     node = N["RectifIDDetectCrop"]()
     right_half = torch.zeros(1, 640, 640)
     right_half[:, :, 320:] = 1
-    for selection, index, mask, want in (("largest", 0, None, left), ("center", 0, None, right),
+    for selection, index, mask, want in (("insightface", 0, None, right), ("largest", 0, None, left),
+                                         ("center", 0, None, right),
                                          ("index", 0, None, left), ("index", -1, None, right),
                                          ("mask", 0, right_half, right)):
         crops, boxes_json, box_mask, preview = comfy(node.detect, faces, photo, selection, index, "", 0.25, 64, mask)
@@ -137,6 +138,33 @@ def test_detect_and_crop_policies(models):
         comfy(node.detect, faces, as_comfy_image(torch.zeros(1, 3, 640, 640)), "largest", 0, "", 0.25, 64)
     with pytest.raises(ValueError, match="needs a mask"):
         comfy(node.detect, faces, photo, "mask", 0, "", 0.25, 64)
+
+
+def _red_outline(preview: torch.Tensor, box) -> bool:
+    """Whether the left edge of `box` is drawn in draw_boxes' red for the chosen detection."""
+    x1, y1, _, y2 = (int(round(v)) for v in box)
+    rgb = (preview[int((y1 + y2) / 2), max(x1, 0)] * 255).round().tolist()
+    return rgb == [230.0, 30.0, 30.0]
+
+
+def test_subject_node_previews_and_logs_the_reference_faces(models, caplog):
+    """Contract C5: third output shows every reference detection, the used one in red; several faces are logged."""
+    _, faces = models
+    # large face off-centre (col 4) and a small one near the centre: insightface's ranking takes the small one
+    two = face_photo((4, 10, 1.0, 1.0), (11, 10, 1.0, 0.1))
+    small, large = tiny_faces.expected_box(11, 10, 0.1), tiny_faces.expected_box(4, 10, 1.0)
+    other = as_comfy_image(tiny_faces.face_image((320, 300), ((5, 5, 1.0, 0.8),), cell=16))
+    with caplog.at_level("INFO"):
+        subject, bundle, preview = comfy(N["RectifIDSubject"]().build, faces, two, "alice", "insightface", 0, 0.0,
+                                         more_images=other)
+    assert N["RectifIDSubject"].RETURN_NAMES == ("subject", "objective", "reference_preview")
+    assert preview.shape == (2, 640, 640, 3)  # the smaller photo is padded to the batch size
+    assert _red_outline(preview[0], small) and not _red_outline(preview[0], large)
+    torch.testing.assert_close(preview[1, 320:, 300:], torch.full((320, 340, 3), 0.5))
+    assert any("reference image 1: 2 found, took number" in r.getMessage() for r in caplog.records)
+    assert not any("reference image 2" in r.getMessage() for r in caplog.records)  # one face: nothing to say
+    _, _, preview = comfy(N["RectifIDSubject"]().build, faces, two, "alice", "largest", 0, 0.0)
+    assert _red_outline(preview[0], large) and not _red_outline(preview[0], small)
 
 
 def test_reference_errors_are_clear(models):
@@ -154,8 +182,8 @@ def test_reference_errors_are_clear(models):
 
 def test_match_subjects_weights_and_labels(models):
     _, faces = models
-    a, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "person", "largest", 0, 0.0)
-    b, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 0.3)), "person", "largest", 0, 0.0)
+    a, _, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "person", "largest", 0, 0.0)
+    b, _, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 0.3)), "person", "largest", 0, 0.0)
     (bundle,) = comfy(N["RectifIDMatchSubjects"]().match, a, 1.0, subject_2=b, weight_2=0.5, weight_3=1.0,
                       weight_4=1.0)
     assert bundle.objective.weights == [1.0, 0.5] and bundle.labels == ["person", "person"]

@@ -12,6 +12,7 @@ import tiny_faces
 from rectifid_core.images import to_uint8_hwc
 from rectifid_core.objectives import (
     ARCFACE_TEMPLATE,
+    Detections,
     FaceIdentityObjective,
     MultiSubjectObjective,
     ObjectiveOutput,
@@ -21,8 +22,9 @@ from rectifid_core.objectives import (
     find_antelopev2,
     load_face_models,
     resolve_providers,
-    select_face,
+    select,
     similarity_transform,
+    top_n,
     warp_affine,
 )
 
@@ -120,7 +122,18 @@ def test_letterboxed_image_matches_insightface_decoder(models, pack_root):
     np.testing.assert_allclose(dets.keypoints, kps[order], atol=0.5)
 
 
-def test_retry_lowers_threshold_in_steps_then_gives_up(models):
+def _reference_thresholds(start=0.5, until=None):
+    """The thresholds single_person.py tries: `det_thresh -= 0.1` after each detect."""
+    out, t = [], start
+    while until is None or t >= until - 1e-9:
+        out.append(t)
+        if until is None and t <= 0:
+            break
+        t -= 0.1
+    return out
+
+
+def test_skip_mode_lowers_threshold_down_to_the_floor_then_gives_up(models):
     dim = to_uint8_hwc(tiny_faces.face_image(faces=((10, 10, 0.35, 0.5),))[0])  # score ~0.35
     assert len(models.detector.detect(dim, 0.5)) == 0
     dets = detect_faces(models, dim, threshold=0.5, floor=0.1, step=0.1)
@@ -131,12 +144,113 @@ def test_retry_lowers_threshold_in_steps_then_gives_up(models):
     models.detector.detect = lambda im, t, **k: calls.append(t) or real(im, t, **k)
     try:
         none = detect_faces(models, dark, threshold=0.5, floor=0.1, step=0.1)
+        assert len(none) == 0 and calls == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1])
+        calls.clear()
+        # no floor (the reference's loop): the faint face is found just above 0, as insightface's loop finds it
+        found = detect_faces(models, dark, threshold=0.5, floor=None, step=0.1)
+        assert calls == _reference_thresholds()[:6] and 0 < calls[-1] < 1e-9
+        assert len(found) >= 1 and found.threshold == calls[-1]
     finally:
         del models.detector.detect
-    assert len(none) == 0 and none.threshold is None
-    assert calls == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1])
     with pytest.raises(ValueError):
         detect_faces(models, dark, threshold=0.5, floor=0.0)
+
+
+def _insightface_scrfd(pack_root):
+    scrfd = pytest.importorskip("insightface.model_zoo.scrfd")
+    det = scrfd.SCRFD(model_file=str(pack_root / "models" / "antelopev2" / "scrfd_10g_bnkps.onnx"))
+    det.prepare(-1, input_size=(640, 640))
+    return det
+
+
+def _reference_detect(det, rgb, max_num):
+    """single_person.py / multi_person_perflow.ipynb, literally: lower det_thresh by 0.1 until
+    max_num faces come back from insightface's own detect(max_num) (BGR input)."""
+    backup = det.det_thresh
+    boxes = []
+    try:
+        while len(boxes) < max_num:
+            boxes, kpss = det.detect(rgb[:, :, ::-1].copy(), max_num=max_num)
+            det.det_thresh -= 0.1
+        used = det.det_thresh + 0.1
+    finally:
+        det.det_thresh = backup
+    return boxes, kpss, used
+
+
+def _ranking_0_7_3(det, img_shape, max_num):
+    """insightface 0.7.3 SCRFD.detect's max_num block, copied as a literal re-implementation."""
+    if max_num > 0 and det.shape[0] > max_num:
+        area = (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+        img_center = img_shape[0] // 2, img_shape[1] // 2
+        offsets = np.vstack([(det[:, 0] + det[:, 2]) / 2 - img_center[1], (det[:, 1] + det[:, 3]) / 2 - img_center[0]])
+        offset_dist_squared = np.sum(np.power(offsets, 2.0), 0)
+        values = area - offset_dist_squared * 2.0
+        bindex = np.argsort(values)[::-1]
+        det = det[bindex[0:max_num], :]
+    return det
+
+
+def test_insightface_ranking_equals_the_0_7_3_rule_on_random_boxes():
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        h, w = int(rng.integers(33, 900)), int(rng.integers(33, 900))  # odd sizes exercise H // 2, W // 2
+        n = int(rng.integers(1, 7))
+        xy = rng.uniform(0, [w, h], (n, 2))
+        wh = rng.uniform(4, 200, (n, 2))
+        boxes = np.hstack([xy, xy + wh]).astype(np.float32)
+        scores = np.sort(rng.uniform(0.1, 1, n))[::-1].astype(np.float32)
+        dets = Detections(boxes, scores)
+        for max_num in (1, 2, 3):
+            expect = _ranking_0_7_3(np.hstack([boxes, scores[:, None]]), (h, w), max_num)
+            np.testing.assert_array_equal(top_n(dets, (h, w), max_num).boxes, expect[:, :4])
+        assert select(dets, (h, w), "insightface") is not None
+        np.testing.assert_array_equal(dets.boxes[select(dets, (h, w), "insightface")],
+                                      _ranking_0_7_3(np.hstack([boxes, scores[:, None]]), (h, w), 1)[0, :4])
+
+
+def test_generated_face_is_the_one_insightface_picks(models, pack_root):
+    """Large-but-off-centre, small-but-central and medium faces: ours picks what detect(max_num=1) picks,
+    which is neither always the largest nor always the most central."""
+    ref_det = _insightface_scrfd(pack_root)
+    layouts = [((3, 10, 1.0, 1.0), (11, 10, 1.0, 0.1), (16, 15, 1.0, 0.5)),  # centre small one wins
+               ((7, 9, 1.0, 1.0), (10, 10, 1.0, 0.05), (15, 3, 1.0, 0.6)),  # large, near the centre wins
+               ((4, 4, 0.9, 0.8), (16, 16, 0.8, 0.8), (12, 5, 0.7, 0.2))]
+    picks = set()
+    objective = FaceIdentityObjective(models, tiny_faces.face_image())
+    for faces in layouts:
+        img = tiny_faces.face_image(faces=faces)
+        rgb = to_uint8_hwc(img[0])
+        dets = models.detector.detect(rgb, 0.5)
+        assert len(dets) == 3
+        boxes, _, _ = _reference_detect(ref_det, rgb, 1)
+        k = select(dets, (640, 640), "insightface")
+        np.testing.assert_allclose(dets.boxes[k], boxes[0, :4], atol=0.5)
+        largest = select(dets, (640, 640), "largest")
+        center = select(dets, (640, 640), "center")
+        picks.add((k == largest, k == center))
+        # the objective steers that face
+        out = objective(img)
+        np.testing.assert_allclose(out.diagnostics["boxes"][0], boxes[0, :4], atol=0.5)
+    assert (False, True) in picks and (True, False) in picks  # the rule is neither "largest" nor "center"
+
+
+def test_faint_face_is_still_steered_as_the_reference_does(models, pack_root):
+    """Best score ~0.03: the reference keeps lowering the threshold and steers it; 'skip' gives up at 0.1."""
+    faint = tiny_faces.face_image(faces=((10, 10, 0.03, 1.0),))
+    rgb = to_uint8_hwc(faint[0])
+    assert len(models.detector.detect(rgb, 0.1)) == 0
+    boxes, _, used = _reference_detect(_insightface_scrfd(pack_root), rgb, 1)
+    obj = FaceIdentityObjective(models, tiny_faces.face_image())
+    x = faint.clone().requires_grad_(True)
+    out = obj(x)
+    assert out.diagnostics["missing"] == [[]] and out.diagnostics["skipped"] == [False]
+    assert out.diagnostics["det_threshold"][0] == used
+    np.testing.assert_allclose(out.diagnostics["boxes"][0], boxes[0, :4], atol=0.5)
+    (g,) = torch.autograd.grad(out.loss.sum(), x)
+    assert out.loss.item() > 0 and g.abs().sum() > 0
+    skip = FaceIdentityObjective(models, tiny_faces.face_image(), no_face="skip")(x)
+    assert skip.diagnostics["missing"] == [[0]] and skip.loss.item() == 0.0
 
 
 def test_face_selection_rules(models):
@@ -146,19 +260,22 @@ def test_face_selection_rules(models):
     assert len(dets) == 3
     cx = (dets.boxes[:, 0] + dets.boxes[:, 2]) / 2
     hw = (640, 640)
-    assert cx[select_face(dets, hw, "largest")] == pytest.approx(512, abs=2)
-    assert cx[select_face(dets, hw, "center")] == pytest.approx(320, abs=2)
-    assert cx[select_face(dets, hw, "index", index=0)] == pytest.approx(128, abs=2)
-    assert cx[select_face(dets, hw, "index", index=-1)] == pytest.approx(512, abs=2)
-    assert select_face(dets, hw, "index", index=3) is None
+    assert cx[select(dets, hw, "largest")] == pytest.approx(512, abs=2)
+    assert cx[select(dets, hw, "center")] == pytest.approx(320, abs=2)
+    assert cx[select(dets, hw, "index", index=0)] == pytest.approx(128, abs=2)
+    assert cx[select(dets, hw, "index", index=-1)] == pytest.approx(512, abs=2)
+    assert select(dets, hw, "index", index=3) is None
     # a region restricts the choice: the largest face inside the left half
-    assert cx[select_face(dets, hw, "largest", region=(0, 0, 400, 640))] == pytest.approx(320, abs=2)
+    assert cx[select(dets, hw, "largest", region=(0, 0, 400, 640))] == pytest.approx(320, abs=2)
     mask = torch.zeros(1, 64, 64)
     mask[:, :, :20] = 1  # left 200 pixels once resized to the image
-    assert cx[select_face(dets, hw, "largest", region=mask)] == pytest.approx(128, abs=2)
-    assert select_face(dets, hw, "largest", region=(600, 600, 640, 640)) is None
+    assert cx[select(dets, hw, "largest", region=mask)] == pytest.approx(128, abs=2)
+    assert select(dets, hw, "largest", region=(600, 600, 640, 640)) is None
     with pytest.raises(ValueError, match="biggest"):
-        select_face(dets, hw, "biggest")
+        select(dets, hw, "biggest")
+    with pytest.raises(ValueError, match="needs a mask"):
+        select(dets, hw, "mask")
+    assert cx[select(dets, hw, "mask", region=mask)] == pytest.approx(128, abs=2)
 
 
 # -- alignment ----------------------------------------------------------------
@@ -275,14 +392,14 @@ def test_recognizer_that_normalises_in_graph_gets_raw_pixels(tmp_path, models):
     assert a.item() > 0.01 and b.item() == pytest.approx(a.item(), rel=1e-3)
 
 
-def test_no_face_in_generated_image_is_skipped_and_counted(models):
-    obj = FaceIdentityObjective(models, tiny_faces.face_image())
+def test_no_face_skip_mode_gives_no_gradient_and_counts(models):
+    obj = FaceIdentityObjective(models, tiny_faces.face_image(), no_face="skip")
     gen = torch.cat([tiny_faces.face_image(faces=()), tiny_faces.face_image(faces=((9, 9, 1.0, 0.7),))])
     x = gen.clone().requires_grad_(True)
     out = obj(x)
-    assert out.diagnostics["skipped"] == [True, False]
+    assert out.diagnostics["skipped"] == [True, False] and out.diagnostics["missing"] == [[0], []]
     assert out.diagnostics["similarity"][0] is None and out.diagnostics["det_threshold"][0] is None
-    assert out.diagnostics["skipped_count"] == 1
+    assert out.diagnostics["skipped_count"] == 1 and out.diagnostics["faces_found"] == [0, 1]
     assert out.loss[0].item() == 0.0 and out.loss[1].item() > 0
     (g,) = torch.autograd.grad(out.loss.sum(), x)
     assert g[0].abs().sum() == 0 and g[1].abs().sum() > 0
@@ -291,13 +408,18 @@ def test_no_face_in_generated_image_is_skipped_and_counted(models):
     # an all-skipped batch still gives a graph the solver can differentiate
     (g,) = torch.autograd.grad(obj(x[:1]).loss.sum(), x)
     assert g.abs().sum() == 0
+    # the default (the reference's loop) steers the best candidate it finds in the blank image
+    out = FaceIdentityObjective(models, tiny_faces.face_image())(x)
+    assert out.diagnostics["missing"] == [[], []] and 0 < out.diagnostics["det_threshold"][0] < 1e-9
+    with pytest.raises(ValueError, match="no_face must be one of fallback, skip"):
+        FaceIdentityObjective(models, tiny_faces.face_image(), no_face="ignore")
 
 
 def test_reference_without_face_names_it(models):
     good = tiny_faces.face_image()
-    with pytest.raises(ValueError, match=r"reference image 1 \(320x240 pixels\)"):
+    with pytest.raises(ValueError, match=r"no face found in reference image 2 \(320x240 pixels\)"):
         FaceIdentityObjective(models, [good, tiny_faces.face_image(size=(240, 320), faces=())])
-    with pytest.raises(ValueError, match=r"face reference image 0 is 20x20 pixels"):
+    with pytest.raises(ValueError, match=r"face reference image 1 is 20x20 pixels"):
         FaceIdentityObjective(models, torch.rand(1, 3, 20, 20))
 
 
@@ -310,7 +432,7 @@ def test_two_people_matched_to_their_references(models):
     ref_a[..., :, 240:] = 0
     ref_b = img.clone()
     ref_b[..., :, :320] = 0
-    objs = [FaceIdentityObjective(models, ref_a), FaceIdentityObjective(models, ref_b)]
+    objs = [FaceIdentityObjective(models, ref_a, no_face="skip"), FaceIdentityObjective(models, ref_b, no_face="skip")]
     multi = MultiSubjectObjective(objs)
     x = img.clone().requires_grad_(True)
     out = multi(x)
@@ -331,3 +453,61 @@ def test_two_people_matched_to_their_references(models):
     out = multi(empty)
     assert out.diagnostics["skipped"] == [True] and out.loss.item() == 0.0
     torch.autograd.grad(out.loss.sum(), empty)
+
+
+def test_two_faces_follow_the_multi_person_notebook(models, pack_root):
+    """multi_person_perflow.ipynb: lower the threshold until two faces pass, keep insightface's top two
+    (detect(max_num=2)), loss = 100 * (2 - best pairing's summed similarity)."""
+    ref_det = _insightface_scrfd(pack_root)
+    refs = [tiny_faces.face_image(faces=((10, 10, 1.0, 0.8),)), tiny_faces.face_image(faces=((9, 11, 1.0, 0.3),))]
+    refs[1][:, 2] = 1 - refs[1][:, 2]
+    objs = [FaceIdentityObjective(models, r) for r in refs]
+    multi = MultiSubjectObjective(objs)
+    e_refs = [_embedding(models, r, models.detector.detect(to_uint8_hwc(r[0]), 0.5).keypoints[0]) for r in refs]
+    cos = torch.nn.functional.cosine_similarity
+    for faces in (((4, 10, 1.0, 0.6), (15, 12, 0.35, 0.4)),  # second face only passes at 0.3
+                  ((3, 4, 1.0, 1.0), (11, 9, 0.9, 0.3), (16, 14, 0.8, 0.7))):  # three faces: top two kept
+        img = tiny_faces.face_image(faces=faces)
+        rgb = to_uint8_hwc(img[0])
+        boxes, kpss, used = _reference_detect(ref_det, rgb, 2)
+        cands, info = objs[0].propose(img, 2, 4)
+        assert info["det_threshold"] == used
+        np.testing.assert_allclose(np.array([c.box for c in cands]), boxes[:, :4], atol=0.5)
+        e = [_embedding(models, img, k) for k in kpss]
+        sim = [cos(e_refs[0], e[0], dim=0), cos(e_refs[1], e[1], dim=0),
+               cos(e_refs[0], e[1], dim=0), cos(e_refs[1], e[0], dim=0)]
+        expected = (2 - max(sim[0] + sim[1], sim[2] + sim[3])) * 100
+        out = multi(img)
+        assert out.loss.item() == pytest.approx(expected.item(), abs=1e-3)
+        assert out.diagnostics["missing"] == [[]] and len(out.diagnostics["boxes"][0]) == 2
+
+
+def test_reference_photo_with_several_faces_uses_the_selection_and_logs_it(models, pack_root, caplog):
+    faces = ((3, 10, 1.0, 1.0), (11, 10, 1.0, 0.1))  # large off-centre, small central: insightface takes the small
+    photo = tiny_faces.face_image(faces=faces)
+    boxes, _, _ = _reference_detect(_insightface_scrfd(pack_root), to_uint8_hwc(photo[0]), 1)
+    with caplog.at_level("INFO", logger="rectifid_core.objectives.faces"):
+        obj = FaceIdentityObjective(models, [tiny_faces.face_image(), photo])
+    np.testing.assert_allclose(obj.reference_boxes[1], boxes[0, :4], atol=0.5)
+    (record,) = [r for r in caplog.records if "reference image 2" in r.getMessage()]
+    assert "2 found, took number" in record.getMessage() and "'insightface'" in record.getMessage()
+    located = obj.reference_located[1]
+    assert len(located.detections) == 2 and located.chosen is not None
+    largest = FaceIdentityObjective(models, photo, reference_selection="largest")
+    np.testing.assert_allclose(largest.reference_boxes[0], tiny_faces.expected_box(3, 10, 1.0), atol=1.0)
+    with pytest.raises(ValueError, match="has no mask"):
+        FaceIdentityObjective(models, photo, reference_selection="mask")
+
+
+def test_index_selection_lowers_until_that_face_exists_and_single_face_references_still_work(models):
+    ref = tiny_faces.face_image()  # one face: used whatever the index
+    obj = FaceIdentityObjective(models, ref, selection="index", index=1, reference_selection="index", no_face="skip")
+    np.testing.assert_allclose(obj.reference_boxes[0], tiny_faces.expected_box(10, 10, 1.0), atol=1.0)
+    # the second face from the left only passes at threshold 0.3
+    gen = tiny_faces.face_image(faces=((4, 10, 1.0, 0.5), (15, 10, 0.35, 0.5)))
+    out = obj(gen)
+    assert out.diagnostics["det_threshold"] == [pytest.approx(0.3)] and out.diagnostics["faces_found"] == [2]
+    np.testing.assert_allclose(out.diagnostics["boxes"][0], tiny_faces.expected_box(15, 10, 0.5), atol=0.1)
+    with pytest.raises(ValueError, match=r"reference image 1 has 2 face\(s\); face index 2 is out of range"):
+        FaceIdentityObjective(models, tiny_faces.face_image(faces=((4, 10, 1.0, 0.5), (15, 10, 1.0, 0.5))),
+                              reference_selection="index", index=2)

@@ -74,17 +74,19 @@ def test_missing_files_are_listed(tmp_path, folders, loader, key):
 
 def test_text_then_image_guided_detection_crops_the_subject(owl, dino):
     ref = _photo(1)
-    boxes = owl.detect_text(ref[0], "dog", threshold=0.0)
-    assert boxes and all(0 <= b.box[0] < b.box[2] <= 96 and 0 <= b.box[1] < b.box[3] <= 80 for b in boxes)
-    assert [b.score for b in boxes] == sorted((b.score for b in boxes), reverse=True)
+    found = owl.detect_text(ref[0], "dog", threshold=0.0)
+    assert len(found) and all(0 <= b[0] < b[2] <= 96 and 0 <= b[1] < b[3] <= 80 for b in found.boxes)
+    assert list(found.scores) == sorted(found.scores, reverse=True)
     obj = SubjectIdentityObjective(dino, ref, detector=owl, query="dog")
-    assert obj.reference_boxes[0] == pytest.approx(list(boxes[0].box))
+    best = owl.detect_text(ref[0], "dog", threshold=0.1)
+    assert obj.reference_boxes[0] == pytest.approx(list(best.box(0)))
+    assert obj.reference_located[0].chosen == 0 and len(obj.reference_located[0].detections) == len(best)
     gen = _photo(2, 64, 64).requires_grad_(True)
     out = obj(gen)
     (x1, y1, x2, y2) = out.diagnostics["boxes"][0]
     guided = owl.detect_guided(gen[0].detach(), obj.reference_crops[0][0])
-    assert [x1, y1, x2, y2] == pytest.approx([round(v, 1) for v in guided[0].box], abs=0.05)
-    assert out.diagnostics["whole_image_fallback"] == [False]
+    assert [x1, y1, x2, y2] == pytest.approx([round(v, 1) for v in guided.box(0)], abs=0.05)
+    assert out.diagnostics["whole_image_fallback"] == [False] and out.diagnostics["missing"] == [[]]
     # loss equals the independent computation on the same crop
     c = gen[:, :, round(y1) : round(y2), round(x1) : round(x2)]
     with torch.no_grad():
@@ -101,10 +103,34 @@ def test_nothing_detected_falls_back_to_whole_image(owl, dino):
     out = obj(torch.cat([gen, gen]))
     assert out.diagnostics["whole_image_fallback"] == [True, True]
     assert out.diagnostics["boxes"][0] == [0.0, 0.0, 48.0, 64.0] and out.diagnostics["fallback_count"] == 2
+    assert out.diagnostics["missing"] == [[], []]  # single_object.py steers the whole image: guided, not missing
     (g,) = torch.autograd.grad(out.loss.sum(), gen)
     assert torch.isfinite(out.loss).all() and g.abs().sum() > 0
+    # the same loss as the whole image taken as the crop
+    with torch.no_grad():
+        cos = F.cosine_similarity(dino(gen), F.normalize(dino(obj.reference_crops[0]), dim=-1))
+    assert out.loss[0].item() == pytest.approx(100 * (1 - cos.item()), abs=1e-3)
+    skip = SubjectIdentityObjective(dino, _photo(1), detector=owl, query="dog", guided_threshold=1.0,
+                                    not_found="skip")
+    out = skip(torch.cat([gen, gen]))
+    assert out.diagnostics["missing"] == [[0], [0]] and out.diagnostics["similarity"] == [None, None]
+    (g,) = torch.autograd.grad(out.loss.sum(), gen)
+    assert out.loss.abs().sum().item() == 0.0 and g.abs().sum() == 0
     with pytest.raises(ValueError, match="text query"):
         SubjectIdentityObjective(dino, _photo(1), detector=owl)
+
+
+def test_label_not_found_in_a_reference_is_an_error_naming_the_photo(owl, dino, caplog):
+    """single_object.py silently crops nothing (whole photo) when the label is not found; we refuse."""
+    clear, unclear = _photo(2), _photo(1)
+    threshold = 0.9
+    assert len(owl.detect_text(clear[0], "dog", threshold)) and not len(owl.detect_text(unclear[0], "dog", threshold))
+    with pytest.raises(ValueError, match=r"found no 'dog' in reference image 2 \(96x80 pixels\).*label"):
+        SubjectIdentityObjective(dino, [clear, unclear], detector=owl, query="dog", text_threshold=threshold)
+    with caplog.at_level("INFO", logger="rectifid_core.objectives.subjects"):
+        SubjectIdentityObjective(dino, [clear, clear], detector=owl, query="dog", text_threshold=0.1)
+    n = len(owl.detect_text(clear[0], "dog", 0.1))
+    assert n > 1 and any(f"'dog' reference image 2: {n} found, took number 1" in r.getMessage() for r in caplog.records)
 
 
 def test_l1_term_and_reference_average(dino):
@@ -131,7 +157,7 @@ def test_two_subjects_are_matched(owl, dino):
     assert [j for j, a in enumerate(d["assignment"][0]) if a is None] == d["missing"][0]
     (g,) = torch.autograd.grad(out.loss.sum(), scene)
     assert torch.isfinite(out.loss).all() and g.abs().sum() > 0
-    with pytest.raises(ValueError, match="subject 1 .* no detector"):
+    with pytest.raises(ValueError, match="subject 2 .* no detector"):
         MultiSubjectObjective([subjects[0], SubjectIdentityObjective(dino, dog)])
 
 

@@ -4,9 +4,10 @@ Heavy dependencies (onnx, onnxruntime, transformers, scipy) are imported only
 when a name that needs them is first used, so that `import
 rectifid_core.objectives` works in a bare environment.
 
+Detections (`detections`): Detections, select(..., "insightface"), top_n, nms, crop
 Faces (`faces`, `face_models`, `face_align`, `onnx_convert`):
     load_face_models(root, provider="auto", device="cpu") -> FaceModels
-    FaceIdentityObjective(models, reference_images, selection="largest", ...)
+    FaceIdentityObjective(models, reference_images, selection="insightface", ...)
 Live subjects and objects, CLIP guidance (`subjects`):
     load_owlvit(path), load_dinov2(path), load_clip_vision(path)
     SubjectIdentityObjective(encoder, reference_images, detector=..., query=...)
@@ -23,7 +24,6 @@ _LAZY = {
     # faces
     "FaceModels": "face_models",
     "ScrfdDetector": "face_models",
-    "FaceDetections": "face_models",
     "find_antelopev2": "face_models",
     "load_face_models": "face_models",
     "resolve_providers": "face_models",
@@ -39,8 +39,20 @@ _LAZY = {
     "FACE_SELECTIONS": "faces",
     "FaceIdentityObjective": "faces",
     "average_embeddings": "common",
+    "NO_FACE": "faces",
     "detect_faces": "faces",
-    "select_face": "faces",
+    "locate_face": "faces",
+    # detections, rankings, selections and box geometry shared by faces, objects and matching
+    "Detections": "detections",
+    "LocatedSubject": "detections",
+    "SELECTIONS": "detections",
+    "box_mask": "detections",
+    "crop": "detections",
+    "insightface_values": "detections",
+    "iou_matrix": "detections",
+    "nms": "detections",
+    "select": "detections",
+    "top_n": "detections",
     # subjects / objects / CLIP
     "OwlVitDetector": "subjects",
     "ImageEncoder": "subjects",
@@ -48,9 +60,10 @@ _LAZY = {
     "load_dinov2": "subjects",
     "load_clip_vision": "subjects",
     "SubjectIdentityObjective": "subjects",
+    "NOT_FOUND": "subjects",
     "ClipImageObjective": "subjects",
     # several subjects
-    "Candidate": "matching",
+    "Candidate": "detections",
     "MatchableObjective": "matching",
     "MultiSubjectObjective": "matching",
     "assign_subjects": "matching",

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .detections import Detections, nms
+
 logger = logging.getLogger(__name__)
 
 DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
@@ -95,39 +97,6 @@ def resolve_providers(choice: str = "auto", available: Optional[Sequence[str]] =
     return [cpu]
 
 
-@dataclass
-class FaceDetections:
-    """Faces in one image, sorted by score: boxes [N,4] x1y1x2y2, scores [N], keypoints [N,5,2]."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    keypoints: np.ndarray
-    threshold: Optional[float] = None
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-    def subset(self, index: Sequence[int]) -> "FaceDetections":
-        index = np.asarray(index, dtype=np.int64)
-        return FaceDetections(self.boxes[index], self.scores[index], self.keypoints[index], self.threshold)
-
-
-def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
-    order = np.argsort(-scores, kind="stable")
-    x1, y1, x2, y2 = boxes.T
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = w * h
-        order = rest[inter / (areas[i] + areas[rest] - inter) <= iou]
-    return keep
-
-
 class ScrfdDetector:
     """SCRFD with keypoints (9 or 15 outputs: scores, box distances, keypoint
     distances per stride) on an onnxruntime session; RGB uint8 images in."""
@@ -165,7 +134,7 @@ class ScrfdDetector:
         canvas[:, :, :new_h, :new_w] = t
         return ((canvas - 127.5) / 128.0).numpy(), new_h / h
 
-    def detect(self, image: np.ndarray, threshold: float = 0.5) -> FaceDetections:
+    def detect(self, image: np.ndarray, threshold: float = 0.5) -> Detections:
         """Faces with score >= threshold in an RGB uint8 image [H,W,3]."""
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an RGB image [H,W,3], got shape {image.shape}")
@@ -197,8 +166,8 @@ class ScrfdDetector:
         scores = np.concatenate(scores_l).astype(np.float32)
         boxes = np.concatenate(boxes_l).astype(np.float32) / scale
         kps = np.concatenate(kps_l).astype(np.float32) / scale
-        keep = _nms(boxes, scores, self.nms_threshold) if len(scores) else []
-        return FaceDetections(boxes[keep].reshape(-1, 4), scores[keep], kps[keep].reshape(-1, 5, 2), threshold)
+        keep = nms(boxes, scores, self.nms_threshold, plus_one=True) if len(scores) else []
+        return Detections(boxes[keep], scores[keep], kps[keep].reshape(-1, 5, 2), threshold)
 
 
 def recognizer_input_range(model: Any) -> tuple[float, float]:

@@ -9,7 +9,7 @@ every iteration because the subjects move while the image is optimised.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any, Hashable, Optional, Protocol, Sequence
 
 import numpy as np
@@ -17,20 +17,11 @@ import torch
 
 from .base import ObjectiveOutput
 from .common import check_image_batch
+from .detections import Candidate, nms
 
 # Cost given to pairs that cannot be matched (a face reference and an object
 # box); finite so that the assignment solver always has a solution.
 _FORBIDDEN = 1e9
-
-
-@dataclass
-class Candidate:
-    """One detection in a generated image (pixel coordinates, x1 y1 x2 y2)."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    kind: str
-    keypoints: Optional[np.ndarray] = None  # [5, 2] for faces
 
 
 class MatchableObjective(Protocol):
@@ -47,8 +38,12 @@ class MatchableObjective(Protocol):
     proposal_key: Hashable
     feature_key: Hashable
 
-    def propose(self, image: torch.Tensor, max_candidates: int) -> tuple[list[Candidate], dict[str, Any]]:
-        """Detections (no gradient) in one image [1,3,H,W] 0..1, plus diagnostics."""
+    def propose(self, image: torch.Tensor, subjects: int, limit: int) -> tuple[list[Candidate], dict[str, Any]]:
+        """Detections (no gradient) in one image [1,3,H,W] 0..1, at most `limit`, plus diagnostics.
+
+        `subjects` is how many references share this detection pass (faces: the reference
+        code lowers its threshold until that many are found and keeps that many).
+        """
 
     def embed(self, image: torch.Tensor, candidates: Sequence[Candidate]) -> Any:
         """Differentiable features of the candidates in image [1,3,H,W]."""
@@ -76,22 +71,16 @@ def assign_subjects(cost: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols)]
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _pool(groups: Sequence[list[Candidate]], iou: float, limit: int) -> list[Candidate]:
-    """Merge proposals of several detection passes; the same subject found by
-    two passes (two image-guided queries) must count once."""
-    pooled: list[Candidate] = []
-    for cand in sorted((c for g in groups for c in g), key=lambda c: -c.score):
-        if all(c.kind != cand.kind or box_iou(c.box, cand.box) < iou for c in pooled):
-            pooled.append(cand)
-    return pooled[:limit]
+    """Merge proposals of several detection passes, best score first; the same subject found by
+    two passes (two image-guided queries) must count once (NMS within each kind)."""
+    pooled = sorted((c for g in groups for c in g), key=lambda c: -c.score)
+    keep: set[int] = set()
+    for kind in {c.kind for c in pooled}:
+        idx = [i for i, c in enumerate(pooled) if c.kind == kind]
+        kept = nms(np.array([pooled[i].box for i in idx]), np.array([pooled[i].score for i in idx]), iou)
+        keep.update(idx[k] for k in kept)
+    return [pooled[i] for i in sorted(keep)][:limit]
 
 
 class MultiSubjectObjective:
@@ -100,7 +89,9 @@ class MultiSubjectObjective:
     `weights` scales each reference's matched loss (default 1); the matching
     itself uses the unweighted losses, so that a weight says how hard a
     subject is pulled, not who it is. `max_candidates` caps
-    the detections considered per image (default: twice the references).
+    the detections considered per image (default: twice the references);
+    faces bring as many as there are face references (the reference code's
+    rule, see FaceIdentityObjective.propose), objects up to the cap.
     Diagnostics per image: "boxes" of the candidates, "assignment" (for each
     reference the index of its candidate in "boxes", or None), "similarity"
     per reference. A reference left without a candidate contributes nothing
@@ -121,9 +112,9 @@ class MultiSubjectObjective:
         for i, s in enumerate(subjects):
             for attr in ("kind", "proposal_key", "feature_key", "propose", "embed", "candidate_losses"):
                 if not hasattr(s, attr):
-                    raise TypeError(f"subject {i} ({type(s).__name__}) cannot be matched: it has no {attr!r}")
+                    raise TypeError(f"subject {i + 1} ({type(s).__name__}) cannot be matched: it has no {attr!r}")
             if not getattr(s, "can_propose", True):
-                raise ValueError(f"subject {i} ({type(s).__name__}) has no detector to find it among several subjects")
+                raise ValueError(f"subject {i + 1} ({type(s).__name__}) has no detector to find it among several subjects")
         if weights is None:
             weights = [1.0] * len(subjects)
         if len(weights) != len(subjects):
@@ -165,9 +156,10 @@ class MultiSubjectObjective:
         n = len(self.subjects)
         proposals: dict[Hashable, list[Candidate]] = {}
         detection: list[dict[str, Any]] = []
+        sharing = Counter(s.proposal_key for s in self.subjects)
         for s in self.subjects:
             if s.proposal_key not in proposals:
-                cands, info = s.propose(image, self.max_candidates)
+                cands, info = s.propose(image, sharing[s.proposal_key], self.max_candidates)
                 proposals[s.proposal_key] = cands
                 detection.append(info)
         candidates = _pool(list(proposals.values()), self.duplicate_iou, self.max_candidates)

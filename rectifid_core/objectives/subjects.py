@@ -4,24 +4,30 @@ The reference subject is located by a text query ("dog"); in the generated
 image the reference crop itself is the query (OWL-ViT image-guided
 detection), which finds the same instance even when the prompt changes the
 scene. Detection runs without gradient; the crop, resize, normalisation and
-encoder are differentiable. When nothing is detected the whole image is used
-and the diagnostics say so.
+encoder are differentiable. As in RectifID's single_object.py, the highest
+scoring box is used and, when the generated image yields none, the whole
+image (the diagnostics say so; `not_found="skip"` steers nothing instead). A
+label that finds nothing in a reference photo is an error.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Hashable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..images import ImageLike, as_reference_list, to_uint8_hwc
 from .base import ObjectiveOutput
 from .common import AVERAGES, average_embeddings, check_image_batch
-from .matching import Candidate
+from .detections import Candidate, Detections, LocatedSubject, clip_box, crop, describe_choice
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -49,23 +55,6 @@ def _check_folder(path: Union[str, os.PathLike], what: str, extra: Sequence[str]
     return folder
 
 
-def _clip_box(box: Sequence[float], h: int, w: int) -> tuple[float, float, float, float]:
-    x1, y1, x2, y2 = (float(v) for v in box)
-    h, w = float(h), float(w)
-    x1, x2 = sorted((min(max(x1, 0.0), w), min(max(x2, 0.0), w)))
-    y1, y2 = sorted((min(max(y1, 0.0), h), min(max(y2, 0.0), h)))
-    return x1, y1, x2, y2
-
-
-def crop(image: torch.Tensor, box: Sequence[float]) -> torch.Tensor:
-    """Crop [1,3,H,W] to an integer pixel box (at least 1 pixel); differentiable in the image."""
-    h, w = image.shape[-2:]
-    x1, y1, x2, y2 = _clip_box(box, h, w)
-    xa, ya = min(int(round(x1)), w - 1), min(int(round(y1)), h - 1)
-    xb, yb = max(int(round(x2)), xa + 1), max(int(round(y2)), ya + 1)
-    return image[..., ya:yb, xa:xb]
-
-
 @dataclass
 class OwlVitDetector:
     """OWL-ViT with its processor; all methods take one image [3,H,W] 0..1 and return pixel boxes."""
@@ -83,19 +72,19 @@ class OwlVitDetector:
         return {k: (v.to(self.device, dtype) if v.is_floating_point() else v.to(self.device)) for k, v in inputs.items()}
 
     @torch.no_grad()
-    def detect_text(self, image: torch.Tensor, query: str, threshold: float = 0.1) -> list[Candidate]:
+    def detect_text(self, image: torch.Tensor, query: str, threshold: float = 0.1) -> Detections:
         """Boxes of `query` (e.g. "dog"), best first."""
         h, w = image.shape[-2:]
         outputs = self.model(**self._inputs(text=[[query]], images=to_uint8_hwc(image)))
         result = self.processor.image_processor.post_process_object_detection(
             outputs, threshold=threshold, target_sizes=torch.tensor([[h, w]])
         )[0]
-        return self._candidates(result, h, w)
+        return self._detections(result, h, w, threshold)
 
     @torch.no_grad()
     def detect_guided(
         self, image: torch.Tensor, query_image: torch.Tensor, threshold: float = 0.0, nms_threshold: float = 0.3
-    ) -> list[Candidate]:
+    ) -> Detections:
         """Boxes that look like `query_image` (a reference crop), best first."""
         h, w = image.shape[-2:]
         outputs = self.model.image_guided_detection(
@@ -104,18 +93,16 @@ class OwlVitDetector:
         result = self.processor.image_processor.post_process_image_guided_detection(
             outputs, threshold=threshold, nms_threshold=nms_threshold, target_sizes=torch.tensor([[h, w]])
         )[0]
-        return self._candidates(result, h, w)
+        return self._detections(result, h, w, threshold)
 
     @staticmethod
-    def _candidates(result: dict[str, torch.Tensor], h: int, w: int) -> list[Candidate]:
+    def _detections(result: dict[str, torch.Tensor], h: int, w: int, threshold: float) -> Detections:
+        """Boxes clipped to the image, best score first; boxes thinner than a pixel dropped."""
         scores = result["scores"].float().cpu()
-        boxes = result["boxes"].float().cpu()
-        out = []
-        for i in torch.argsort(scores, descending=True).tolist():
-            box = _clip_box(boxes[i].tolist(), h, w)
-            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                out.append(Candidate(box, float(scores[i]), "subject"))
-        return out
+        order = torch.argsort(scores, descending=True).tolist()
+        boxes = [clip_box(box, h, w) for box in result["boxes"].float().cpu()[order].tolist()]
+        keep = [k for k, box in enumerate(boxes) if box[2] - box[0] >= 1 and box[3] - box[1] >= 1]
+        return Detections(np.array([boxes[k] for k in keep]), scores[order].numpy()[keep], threshold=threshold)
 
 
 def load_owlvit(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> OwlVitDetector:
@@ -213,14 +200,20 @@ def load_clip_vision(path: Union[str, os.PathLike], device: Union[str, torch.dev
     return _load_encoder(path, "CLIPVisionModelWithProjection", "clip", "center_crop", "CLIP vision", device, dtype)
 
 
+NOT_FOUND = ("whole_image", "skip")
+
+
 class SubjectIdentityObjective:
     """DINOv2 identity loss of one subject: 100 * (1 - cos) + l1_weight * L1(crops).
 
     reference_images: one or more photos of the subject; with a `detector`
-    and a text `query` each is cropped to its best box (whole photo when the
-    query finds nothing). In the generated image the first reference crop is
-    the image-guided query. `l1_weight` ~1000 helps rigid objects (cans,
-    vases) and hurts live subjects whose pose changes; default 0.
+    and a text `query` each is cropped to its best-scoring box (ValueError
+    when the query finds nothing); `reference_located` keeps every box and the
+    choice. In the generated image the first reference crop is the
+    image-guided query; when it finds nothing, `not_found` decides: the whole
+    image ("whole_image", the reference code) or no guidance ("skip").
+    `l1_weight` ~1000 helps rigid objects (cans, vases) and hurts live
+    subjects whose pose changes; default 0.
     """
 
     kind = "subject"
@@ -235,25 +228,37 @@ class SubjectIdentityObjective:
         text_threshold: float = 0.1,
         guided_threshold: float = 0.0,
         l1_weight: float = 0.0,
+        not_found: str = "whole_image",
         average: str = "normalized",
     ) -> None:
         if detector is not None and not (query and query.strip()):
             raise ValueError("a text query naming the subject (e.g. 'dog') is needed to locate it in the reference")
         if l1_weight < 0:
             raise ValueError(f"l1_weight must be >= 0, got {l1_weight}")
+        if not_found not in NOT_FOUND:
+            raise ValueError(f"not_found must be one of {', '.join(NOT_FOUND)}, got {not_found!r}")
         if average not in AVERAGES:
             raise ValueError(f"embedding average must be one of {AVERAGES}, got {average!r}")
         self.encoder, self.detector, self.query = encoder, detector, query
-        self.guided_threshold, self.l1_weight = guided_threshold, l1_weight
+        self.guided_threshold, self.l1_weight, self.not_found = guided_threshold, l1_weight, not_found
         self.reference_crops: list[torch.Tensor] = []
-        self.reference_boxes: list[Optional[list[float]]] = []
-        for ref in as_reference_list(reference_images):
-            box = None
-            if detector is not None:
-                found = detector.detect_text(ref[0], query, text_threshold)
-                box = list(found[0].box) if found else None
-            self.reference_boxes.append(box)
-            self.reference_crops.append(crop(ref, box) if box else ref)
+        self.reference_located: list[LocatedSubject] = []
+        for i, ref in enumerate(as_reference_list(reference_images)):
+            h, w = ref.shape[-2:]
+            if detector is None:
+                found = LocatedSubject(Detections([[0.0, 0.0, float(w), float(h)]], [1.0]), 0)
+            else:
+                found = LocatedSubject(detector.detect_text(ref[0], query, text_threshold), 0)
+                if not len(found.detections):
+                    raise ValueError(
+                        f"the object detector found no '{query}' in reference image {i + 1} ({w}x{h} pixels) at "
+                        f"threshold {text_threshold}; set the label to what the photo shows in plain words "
+                        f"(e.g. 'dog', 'plush toy', 'can') or use a photo where the subject is large and clear"
+                    )
+                if len(found.detections) > 1:
+                    logger.info(describe_choice(found, f"'{query}' reference image {i + 1}", "best score"))
+            self.reference_located.append(found)
+            self.reference_crops.append(crop(ref, found.detections.box(0)))
         with torch.no_grad():
             emb = torch.cat([encoder(c) for c in self.reference_crops])
             self._ref_small = torch.cat([self._small(c) for c in self.reference_crops])
@@ -261,6 +266,11 @@ class SubjectIdentityObjective:
         self.fallback_total = 0
         self.proposal_key: Hashable = ("subject", id(self))
         self.feature_key: Hashable = ("dinov2", id(encoder))
+
+    @property
+    def reference_boxes(self) -> list[list[float]]:
+        """The box each reference photo was cropped to."""
+        return [list(r.detections.box(r.chosen)) for r in self.reference_located]
 
     @property
     def can_propose(self) -> bool:
@@ -271,10 +281,10 @@ class SubjectIdentityObjective:
         """Crops at the encoder's size in 0..1, for the pixel L1 term."""
         return F.interpolate(crops.float(), size=self.encoder.size, mode="bilinear", align_corners=False)
 
-    def _locate(self, image: torch.Tensor, limit: int) -> list[Candidate]:
+    def _locate(self, image: torch.Tensor) -> Detections:
         if self.detector is None:
-            return []
-        return self.detector.detect_guided(image[0], self.reference_crops[0][0], self.guided_threshold)[:limit]
+            return Detections.empty()
+        return self.detector.detect_guided(image[0], self.reference_crops[0][0], self.guided_threshold)
 
     def _losses(self, emb: torch.Tensor, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.reference_embedding.to(emb.device, emb.dtype)
@@ -289,12 +299,19 @@ class SubjectIdentityObjective:
     def __call__(self, image: torch.Tensor) -> ObjectiveOutput:
         check_image_batch(image)
         h, w = image.shape[-2:]
-        losses, sims, boxes, fallback = [], [], [], []
+        losses, sims, boxes, fallback, missing = [], [], [], [], []
         for b in range(image.shape[0]):
             img = image[b : b + 1]
-            found = self._locate(img, 1)
-            box = list(found[0].box) if found else [0.0, 0.0, float(w), float(h)]
-            fallback.append(self.detector is not None and not found)
+            found = self._locate(img)
+            not_found = self.detector is not None and not len(found)
+            fallback.append(not_found and self.not_found == "whole_image")
+            missing.append([0] if not_found and self.not_found == "skip" else [])
+            if missing[-1]:
+                losses.append(img.sum() * 0.0)
+                sims.append(None)
+                boxes.append(None)
+                continue
+            box = found.box(0) if len(found) else (0.0, 0.0, float(w), float(h))
             c = crop(img, box)
             loss, sim = self._losses(self.encoder(c), self._small(c))
             losses.append(loss[0].to(image.device, image.dtype))
@@ -307,6 +324,7 @@ class SubjectIdentityObjective:
             diagnostics={
                 "similarity": sims,
                 "boxes": boxes,
+                "missing": missing,
                 "whole_image_fallback": fallback,
                 "fallback_count": n_fallback,
                 "fallback_total": self.fallback_total,
@@ -315,9 +333,9 @@ class SubjectIdentityObjective:
 
     # -- MultiSubjectObjective protocol -------------------------------------
 
-    def propose(self, image: torch.Tensor, max_candidates: int) -> tuple[list[Candidate], dict[str, Any]]:
-        found = self._locate(image, max_candidates)
-        return found, {"kind": "subject", "query": self.query, "found": len(found)}
+    def propose(self, image: torch.Tensor, subjects: int, limit: int) -> tuple[list[Candidate], dict[str, Any]]:
+        found = self._locate(image)
+        return found.candidates("subject")[:limit], {"kind": "subject", "query": self.query, "found": len(found)}
 
     def embed(self, image: torch.Tensor, candidates: Sequence[Candidate]) -> tuple[torch.Tensor, torch.Tensor]:
         crops = [crop(image, c.box) for c in candidates]
@@ -353,5 +371,5 @@ class ClipImageObjective:
         sim = F.cosine_similarity(emb, self.reference_embedding.to(emb.device, emb.dtype)[None], dim=-1)
         return ObjectiveOutput(
             loss=(100.0 * (1.0 - sim)).to(image.device, image.dtype),
-            diagnostics={"similarity": [float(s) for s in sim.detach()]},
+            diagnostics={"similarity": [float(s) for s in sim.detach()], "missing": [[] for _ in sim]},
         )
