@@ -180,6 +180,21 @@ def test_reference_errors_are_clear(models):
               "per_window", "anchored", "store", 1)
 
 
+def test_messages_count_images_and_subjects_from_1(models):
+    """Whichever node a user meets the problem in, the second photo is "image 2" and the second subject "subject 2"."""
+    _, faces = models
+    with torch.inference_mode(False):
+        photos = torch.cat([tiny_faces.face_image((640, 640), ((10, 10, 1.0, 1.0),)), torch.zeros(1, 3, 640, 640)])
+    batch = as_comfy_image(photos)
+    with pytest.raises(ValueError, match=r"no face found in reference image 2\b"):
+        comfy(N["RectifIDSubject"]().build, faces, batch, "bob", "insightface", 0, 0.0)
+    with pytest.raises(ValueError, match=r"no face found in image 2 of 2\b"):
+        comfy(N["RectifIDDetectCrop"]().detect, faces, batch, "insightface", 0, "", 0.25, 64)
+    a, _, _ = comfy(N["RectifIDSubject"]().build, faces, batch[:1], "alice", "insightface", 0, 0.0)
+    with pytest.raises(TypeError, match=r"subject 2 must come from a 'Reference Subject' node"):
+        comfy(N["RectifIDMatchSubjects"]().match, a, 1.0, subject_2="not a subject", weight_2=1.0)
+
+
 def test_match_subjects_weights_and_labels(models):
     _, faces = models
     a, _, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "person", "largest", 0, 0.0)
