@@ -144,3 +144,39 @@ def test_preview_any_stand_in_has_comfyuis_signature():
     assert out["returns"] == list(stand_in.RETURN_TYPES) and out["function"] == stand_in.FUNCTION
     assert out["output_node"] is stand_in.OUTPUT_NODE is True
     assert out["text"] == list(stand_in().main(source="report line")["ui"]["text"])
+
+
+def test_sampler_runs_and_cancels_with_comfyuis_own_modules():
+    """Inside ComfyUI the sampler reports progress through comfy.utils.ProgressBar and stops on ComfyUI's own
+    Cancel flag (set during a model call) with ComfyUI's own exception, before the next model call."""
+    out = run_with_comfyui("""
+        from rectifid_core.flows import load_flow
+        from rectifid_core.objectives.base import ObjectiveOutput
+        flow = load_flow(ce.tiny_models_dir("diffusers") / "diffusers" / ce.MODEL_NAMES["diffusers"], dtype="fp32",
+                         device="cpu")
+        bundle = pack.nodes.common.ObjectiveBundle(lambda image: ObjectiveOutput(image.mean(dim=(1, 2, 3))), ["x"])
+        sampler = pack.nodes.sampler.RectifIDSampler()
+        args = dict(positive="a photo", negative="", width=16, height=16, seed=0, steps=0, iterations=2,
+                    guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="auto", batch_size=1)
+        with torch.inference_mode():
+            images, latent, plot, report = sampler.sample(flow, bundle, **args)
+        bar = pack.nodes.comfy_bridge.last_progress
+        calls, step = [], flow.step
+        def pressing_cancel(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                mm.interrupt_current_processing(True)
+            return step(*a, **k)
+        flow.step = pressing_cancel
+        try:
+            with torch.inference_mode():
+                sampler.sample(flow, bundle, **dict(args, iterations=50))
+            cancelled = False
+        except mm.InterruptProcessingException:
+            cancelled = True
+        print(json.dumps({"shape": list(images.shape), "report": report, "progress": [bar["value"], bar["total"]],
+                          "calls": len(calls), "cancelled": cancelled, "flag_left": mm.processing_interrupted()}))
+    """)
+    assert out["shape"] == [1, 16, 16, 3] and out["progress"] == [2, 2]
+    assert "memory store" in out["report"].splitlines()[0]  # auto on the CPU
+    assert out["cancelled"] and out["calls"] == 2 and not out["flag_left"]
