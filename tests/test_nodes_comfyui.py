@@ -19,8 +19,11 @@ import comfy_executor as ce
 GIB = 1024 ** 3
 
 
-def run_with_comfyui(code: str) -> dict:
-    """Run `code` with ComfyUI importable (CPU mode) and the pack loaded as `pack`; return the JSON it prints."""
+def run_with_comfyui(code: str, startup: str = "") -> dict:
+    """Run `code` with ComfyUI importable (CPU mode) and the pack loaded as `pack`; return the JSON it prints.
+
+    `startup` runs before the pack is imported, where ComfyUI reads its command line and extra_model_paths.yaml.
+    """
     prelude = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(ce.comfyui_path())!r})
@@ -30,8 +33,7 @@ def run_with_comfyui(code: str) -> dict:
         import comfy.model_management as mm
         import torch
         import comfy_executor as ce
-        pack = ce.load_pack()
-    """)
+    """) + textwrap.dedent(startup) + "\npack = ce.load_pack()\n"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
                           env=env, cwd=str(ce.REPO), timeout=300)
@@ -82,6 +84,39 @@ FAKE_GPU = """
     for p in patchers:
         mm.load_models_gpu([p])
 """
+
+
+def test_bridge_uses_comfyuis_folders_progress_bar_and_preview_settings(tmp_path):
+    """Model folders come from folder_paths, extra_model_paths.yaml entries included; progress and previews go
+    through comfy.utils.ProgressBar as ComfyUI's command line asks."""
+    shared = tmp_path / "shared"
+    (shared / "flows" / "perflow-a").mkdir(parents=True)
+    (shared / "flows" / "perflow-a" / "model_index.json").write_text("{}")
+    (shared / "faces" / "models" / "antelopev2").mkdir(parents=True)
+    (shared / "faces" / "models" / "antelopev2" / "glintr100.onnx").write_bytes(b"")
+    yaml_file = tmp_path / "extra_model_paths.yaml"
+    yaml_file.write_text(f"rectifid:\n    base_path: {shared}\n    diffusers: flows\n    insightface: faces\n")
+    out = run_with_comfyui(startup=f"""
+        from utils.extra_config import load_extra_path_config
+        load_extra_path_config({str(yaml_file)!r})
+        comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Auto
+        comfy.cli_args.args.preview_size = 256
+    """, code="""
+        import comfy.utils, folder_paths
+        bridge = pack.nodes.comfy_bridge
+        updates = []
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
+                                                 updates.append([value, total, list(preview[::2])]))
+        bridge.Progress(5).update(3, preview="image")
+        print(json.dumps({"flows": bridge.list_models("diffusers"), "path": bridge.resolve_model("diffusers", "perflow-a"),
+                          "faces": bridge.list_models("insightface"), "roots": bridge.model_roots("owlvit"),
+                          "models_dir": folder_paths.models_dir, "previews": bridge.previews_enabled(),
+                          "updates": updates}))
+    """)
+    assert out["flows"] == ["perflow-a"] and out["path"] == str(shared / "flows" / "perflow-a")
+    assert out["faces"] == ["antelopev2"]
+    assert out["roots"] == [os.path.join(out["models_dir"], "owlvit")]  # our folder names are registered
+    assert out["previews"] and out["updates"] == [[3, 5, ["JPEG", 256]]]
 
 
 def test_sampler_frees_only_what_the_run_needs():
