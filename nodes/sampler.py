@@ -89,8 +89,6 @@ def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
     if n and result.final_loss is not None:
         lines.append(f"loss {result.losses[0]:.3f} before guidance, {result.final_loss:.3f} after "
                      f"{_plural(n, 'iteration')}")
-    if result.stopped_early:
-        lines.append(f"stopped early: {result.stopped_early}")
     lines += [f"warning: {w}" for w in result.warnings]
     return lines
 

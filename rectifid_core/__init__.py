@@ -4,8 +4,8 @@ Pure torch/diffusers/transformers; never imports ComfyUI. Heavy model libraries 
 only when a loader needs them.
 """
 from .guidance import GuidanceConfig, GuidanceResult, IterationInfo, guide, initial_noise
-from .pipeline import PersonalizeResult, PersonalizeSettings, personalize
+from .pipeline import PersonalizeResult, PersonalizeSettings, personalize, resolve_settings
 
 __all__ = ["GuidanceConfig", "GuidanceResult", "IterationInfo", "PersonalizeResult", "PersonalizeSettings",
-           "guide", "initial_noise", "personalize"]
+           "guide", "initial_noise", "personalize", "resolve_settings"]
 __version__ = "0.1.0"

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,19 @@ from .objectives.faces import FACE_SELECTIONS
 from .pipeline import (SUBJECT_KINDS, PersonalizeSettings, auto_dtype, load_clip_discriminator,
                        load_face_discriminator, load_object_discriminator, multi_subject_objective, personalize,
                        subject_objective, unique_labels)
+
+def auto_or(kind: type) -> Callable[[str], int | float | None]:
+    """argparse type: "auto" -> None (resolved from the flow or the objective), else a number of `kind`."""
+    def parse(text: str) -> int | float | None:
+        if text.strip().lower() == "auto":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'auto' or {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+    return parse
+
 
 class UsageError(ValueError):
     """Bad command-line input; reported without a traceback, exit status 2."""
@@ -96,13 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="", help="negative prompt (default empty)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--height", type=int, default=512)
-    g.add_argument("--windows", type=int, default=4, help="K flow windows (default 4)")
+    g.add_argument("--width", type=auto_or(int), default=None, metavar="auto|W",
+                   help="image width (default auto: 512 SD1.5 and 2-RF/InstaFlow, 768 SD2.1, 1024 SDXL)")
+    g.add_argument("--height", type=auto_or(int), default=None, metavar="auto|H", help="image height (default auto)")
+    g.add_argument("--steps", type=auto_or(int), default=None, metavar="auto|S",
+                   help="model calls per pass (default auto: the flow's K trained windows, 4 for PeRFlow; more "
+                        "steps run inside PeRFlow's windows; 2-RF/InstaFlow take it as their Euler steps)")
     g.add_argument("--iterations", type=int, default=20, help="N guidance iterations: 20 fast, 50, 100 best")
-    g.add_argument("--scale", type=float, default=None,
-                   help="guidance scale s (default 1.0 for faces, 2.0 when an object subject is present)")
-    g.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance (3.0 PeRFlow, 1.5 2-RF)")
+    g.add_argument("--scale", type=auto_or(float), default=None, metavar="auto|S",
+                   help="guidance scale s (default auto: 1.0 for faces, 2.0 when an object subject is present)")
+    g.add_argument("--cfg", type=auto_or(float), default=None, metavar="auto|W",
+                   help="classifier-free guidance (default auto: 3.0 PeRFlow SD1.5, 4.5 SD2.1, 1.0 SDXL, "
+                        "1.5 2-RF/InstaFlow)")
     g.add_argument("--ck-mode", default="per_window", choices=CK_MODES)
     g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
     g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
@@ -197,7 +215,7 @@ def run(args: argparse.Namespace) -> dict:
                                                          device=device)
     dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
     flow = load_flow(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type, dtype=dtype,
-                     device=device, num_windows=args.windows)
+                     device=device)
 
     objectives = []
     for spec in specs:
@@ -207,29 +225,30 @@ def run(args: argparse.Namespace) -> dict:
     labels = unique_labels([s.label for s in specs])
     objective = objectives[0] if len(specs) == 1 else multi_subject_objective(
         objectives, [s.kind for s in specs], labels, args.weight)
-    scale = args.scale if args.scale is not None else (2.0 if "object" in kinds else 1.0)
-    if not math.isfinite(scale):
-        raise UsageError(f"--scale must be finite, got {scale}")
-    config = GuidanceConfig(scale=scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
+    if args.scale is not None and not math.isfinite(args.scale):
+        raise UsageError(f"--scale must be finite, got {args.scale}")
+    config = GuidanceConfig(scale=args.scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
                             memory=args.memory)
 
     paths = output_paths(args.output, len(args.prompt), args.batch_size)
     history = {"flow": str(flow_dir), "subjects": [{**asdict(s), "images": [str(p) for p in s.images]}
                                                    for s in specs],
                "settings": {"seed": args.seed, "width": args.width, "height": args.height,
-                            "windows": args.windows, "iterations": args.iterations, "scale": scale, "cfg": args.cfg,
+                            "steps": args.steps, "iterations": args.iterations, "scale": args.scale, "cfg": args.cfg,
                             "ck_mode": args.ck_mode, "solver": args.solver, "negative": args.negative},
                "runs": []}
     for i, prompt in enumerate(args.prompt):
         settings = PersonalizeSettings(prompt=prompt, negative_prompt=args.negative, width=args.width,
                                        height=args.height, seed=args.seed, batch_size=args.batch_size,
-                                       cfg_scale=args.cfg, num_windows=args.windows, guidance=config)
+                                       cfg_scale=args.cfg, num_steps=args.steps, guidance=config)
         progress = StderrProgress(f"[{i + 1}/{len(args.prompt)}]", not args.quiet)
         result = personalize(flow, objective, settings, callback=progress, labels=labels)
         progress.done()
         for b, path in enumerate(paths[i]):
             _save_png(result.images[b], path)
         history["runs"].append({"prompt": prompt, "images": [str(p) for p in paths[i]], **result.history()})
+        for warning in result.warnings:
+            sys.stderr.write(f"rectifid: warning: {warning}\n")
         if not args.quiet:
             sims = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} not found"
                              for k, v in result.final_similarities.items())

@@ -1,7 +1,10 @@
 """Anchored classifier guidance (RectifID, Algorithm 1) and the paper's ablations.
 
-The solver keeps one offset per window end, Delta_1..Delta_K, and rolls the flow
-out as  zhat_0 = z_0,  zhat_{k+1} = Phi_k(zhat_k) + Delta_{k+1}.  One backward
+The solver keeps one offset per step end, Delta_1..Delta_S, and rolls the flow
+out as  zhat_0 = z_0,  zhat_{k+1} = Phi_k(zhat_k) + Delta_{k+1}, Phi_k being one
+step (one model call; a window, or a sub-step of one when the flow runs more
+steps than its K trained windows, with c_k of that window, as the reference's
+per-scheduler-step callback does).  One backward
 pass gives g_k = dL/dzhat_k for every window start; the anchored update
 
     Delta_{k+1} <- Delta_{k+1} - c_k * s * g_k / max(||g_k||, 1)
@@ -34,6 +37,7 @@ ComfyUI's model management, call it themselves).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -53,7 +57,7 @@ MEMORY_MODES = ("store", "checkpoint", "lowest", "auto")
 
 @dataclass
 class GuidanceConfig:
-    scale: float = 1.0
+    scale: float | None = None  # None: auto_guidance_scale(objective)
     iterations: int = 20
     mode: str = "anchored"
     ck_mode: str = "per_window"
@@ -74,8 +78,19 @@ class GuidanceConfig:
         for name in ("momentum", "offset_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not math.isfinite(self.scale) or self.scale < 0:
+        if self.scale is not None and (not math.isfinite(self.scale) or self.scale < 0):
             raise ValueError(f"guidance scale s must be a finite number >= 0, got {self.scale!r}")
+
+
+def auto_guidance_scale(objective: Objective) -> float:
+    """s the reference scripts use: 2.0 when a subject is an object, else 1.0 (faces).
+
+    single_object.py l.194 `--guidance` default 2. (multi_object_perflow.ipynb: SGD lr 2);
+    single_person.py l.211 and single_person_sdxl.py l.209 default 1. (multi_person_perflow.ipynb: lr 1).
+    Objectives say what they steer in `kind` ("face", "subject"); several subjects in `subjects`.
+    """
+    subjects = getattr(objective, "subjects", None) or [objective]
+    return 2.0 if any(getattr(s, "kind", None) == "subject" for s in subjects) else 1.0
 
 
 # Activations kept for the backward at 4 bytes per value (fp32; fp16/bf16 keep half):
@@ -91,7 +106,7 @@ ACTIVATION_BYTES = {
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
 
-def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_windows: int, family: str = "sd15",
+def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
                             dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Activation memory of one guidance iteration (weights excluded) for each memory mode."""
     if family not in ACTIVATION_BYTES:
@@ -103,16 +118,16 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_windows: int, fam
     window = (per["window"] * n + per["window_fixed"] * batch) * width
     dec = per["decode"] * n * (1.0 if family in FP32_DECODE else width)
     fixed = per["fixed"] * batch * width
-    inputs = 4 * n * (num_windows + 1)  # the window inputs a checkpointed rollout keeps
-    return {"store": int(num_windows * window + dec + fixed), "checkpoint": int(max(window, dec) + fixed + inputs)}
+    inputs = 4 * n * (num_steps + 1)  # the step inputs a checkpointed rollout keeps
+    return {"store": int(num_steps * window + dec + fixed), "checkpoint": int(max(window, dec) + fixed + inputs)}
 
 
-def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_windows: int, family: str = "sd15",
+def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
                        dtype: torch.dtype = torch.float16, headroom: float = 0.85) -> str:
     """Pick "store" when its activations fit in `headroom` of the free memory, else "checkpoint"."""
     if free_bytes < 0:
         raise ValueError(f"free memory must be >= 0 bytes, got {free_bytes}")
-    need = estimate_guidance_bytes(latent_shape, num_windows, family, dtype)
+    need = estimate_guidance_bytes(latent_shape, num_steps, family, dtype)
     return "store" if need["store"] <= headroom * free_bytes else "checkpoint"
 
 
@@ -127,7 +142,7 @@ def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[in
             return "store"
         free_bytes, _ = torch.cuda.mem_get_info(device)
     family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
-    return choose_memory_mode(free_bytes, latent_shape, flow.num_windows, family, flow.dtype)
+    return choose_memory_mode(free_bytes, latent_shape, flow.num_steps, family, flow.dtype)
 
 
 @dataclass
@@ -149,9 +164,11 @@ class GuidanceResult:
     losses: list[float] = field(default_factory=list)
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: str | None = None  # why the loop ended before N, if it did
+    warnings: list[str] = field(default_factory=list)  # what else the caller must be told (final-pass fallback)
 
 
 Callback = Callable[[IterationInfo], None]
+Interrupt = Callable[[], None]  # raises to cancel; called before every step's model call
 
 
 def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu",
@@ -162,8 +179,8 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str 
 
 
 def anchor_coefficients(flow: RectifiedFlow, ck_mode: str) -> list[float]:
-    """c_k per window: the flow's intended value, the released SD1.5 constant, or 1."""
-    k = flow.num_windows
+    """c per step: the flow's intended value (from the step's window), the released SD1.5 constant, or 1."""
+    k = flow.num_steps
     if ck_mode == "legacy":
         return [LEGACY_CK] * k
     if ck_mode == "one":
@@ -180,16 +197,18 @@ def normalize_window_grad(g: torch.Tensor) -> torch.Tensor:
 
 
 def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor, offsets: list[torch.Tensor],
-            checkpoint: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Walk all windows applying the offsets; returns z_K and every window's input state.
+            checkpoint: bool = False, interrupt: Interrupt | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Walk all steps applying the offsets; returns the final latent and every step's input state.
 
-    With `checkpoint` (and grad enabled) each window call keeps only its input and
-    is recomputed during the backward pass.
+    With `checkpoint` (and grad enabled) each step's model call keeps only its input and
+    is recomputed during the backward pass. `interrupt` is called before every step.
     """
     z = z0
     starts = []
     recompute = checkpoint and torch.is_grad_enabled()
-    for k in range(flow.num_windows):
+    for k in range(flow.num_steps):
+        if interrupt is not None:
+            interrupt()
         starts.append(z)
         out = _checkpoint(flow.step, z, k, cond, use_reentrant=False) if recompute else flow.step(z, k, cond)
         z = out + offsets[k].to(z.dtype)
@@ -214,8 +233,8 @@ def _offset_rule(config: GuidanceConfig) -> UpdateRule:
 
 
 def _check_inputs(flow: RectifiedFlow, noise: torch.Tensor, cond: Conditioning) -> None:
-    if flow.num_windows < 1:
-        raise ValueError(f"the flow must have K >= 1 windows, got K={flow.num_windows}")
+    if flow.num_steps < 1:
+        raise ValueError(f"the flow must run >= 1 steps, got {flow.num_steps}")
     if noise.dim() != 4 or noise.shape[0] != cond.batch:
         raise ValueError(
             f"noise shape {tuple(noise.shape)} does not match the prompt batch of {cond.batch} "
@@ -224,40 +243,48 @@ def _check_inputs(flow: RectifiedFlow, noise: torch.Tensor, cond: Conditioning) 
 
 
 def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: torch.Tensor,
-          config: GuidanceConfig, callback: Callback | None = None) -> GuidanceResult:
+          config: GuidanceConfig, callback: Callback | None = None,
+          interrupt: Interrupt | None = None) -> GuidanceResult:
     """Run N guidance iterations, then one gradient-free pass that produces the output.
 
-    An exception raised by `callback` propagates (nothing is returned), which is how
-    callers cancel. A non-finite loss at the first iteration raises; later it ends
-    the loop and the result keeps the last finite iterate.
+    An exception raised by `callback` (after every iteration) or `interrupt` (before
+    every step's model call) propagates (nothing is returned), which is how callers
+    cancel. A non-finite loss at the first iteration raises; later it ends the loop
+    and the result keeps the last finite iterate. A non-finite final pass (the last
+    update is never scored) falls back to the last scored iterate, with a warning.
+    scale None is `auto_guidance_scale(objective)`.
     """
     config.validate()
+    if config.scale is None:
+        config = dataclasses.replace(config, scale=auto_guidance_scale(objective))
     _check_inputs(flow, noise, cond)
     memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
     recompute = memory != "store"
     flow.set_memory_saving(recompute, split_cfg=memory == "lowest")
     try:
-        return _solve(flow, cond, objective, noise, config, recompute, callback)
+        return _solve(flow, cond, objective, noise, config, recompute, callback, interrupt)
     finally:
         flow.set_memory_saving(False)
 
 
 def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: torch.Tensor,
-           config: GuidanceConfig, recompute: bool, callback: Callback | None) -> GuidanceResult:
+           config: GuidanceConfig, recompute: bool, callback: Callback | None,
+           interrupt: Interrupt | None) -> GuidanceResult:
     ck = anchor_coefficients(flow, config.ck_mode)
     update = _offset_rule(config)
     z0 = noise.detach()
     work = torch.float32
-    offsets = [torch.zeros_like(z0, dtype=work) for _ in range(flow.num_windows)]
+    offsets = [torch.zeros_like(z0, dtype=work) for _ in range(flow.num_steps)]
     noise_offset = torch.zeros_like(z0, dtype=work)
     result = GuidanceResult(latent=z0, image=z0)
 
     last_good = (offsets, noise_offset)  # update rules return new tensors, so no copies are needed
+    scored_at, current, current_image = 0, z0, z0  # the last iterate the objective scored (1-based iteration)
     for it in range(config.iterations):
         scored = (offsets, noise_offset)
         with torch.enable_grad():
             start = (z0.to(work) + noise_offset).to(z0.dtype).requires_grad_(True)
-            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute)
+            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute, interrupt=interrupt)
             image = decode(flow, z_final, checkpoint=recompute)
             out = as_output(objective(image))
             loss = out.loss.float().sum()
@@ -270,17 +297,17 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
                         f"the objective returned a non-finite loss ({loss_value}) at the first iteration; "
                         "check the reference embedding and the model dtype (fp16 overflow?)"
                     )
-                result.stopped_early = (f"non-finite loss ({loss_value}) at iteration {it}; "
-                                        f"kept the iterate scored at iteration {it - 1}")
+                result.stopped_early = (f"non-finite loss ({loss_value}) at iteration {it + 1}; "
+                                        f"kept the iterate scored at iteration {it}")
                 offsets, noise_offset = last_good
                 break
             last_good = scored
-        current, current_image = z_final.detach(), image.detach()
+        current, current_image, scored_at = z_final.detach(), image.detach(), it + 1
         del z_final, starts, loss, image
         if not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             if it == 0:
                 raise RuntimeError("non-finite gradient at the first iteration; try fp32 or a smaller guidance scale")
-            result.stopped_early = f"non-finite gradient at iteration {it}; kept the iterate scored there"
+            result.stopped_early = f"non-finite gradient at iteration {it + 1}; kept the iterate scored there"
             break
         ghat = [normalize_window_grad(g.float()) for g in grads]
         del grads
@@ -297,7 +324,16 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
 
     with torch.no_grad():
         start = (z0.to(work) + noise_offset).to(z0.dtype)
-        z_final, _ = rollout(flow, cond, start, offsets)
-        result.latent = z_final.detach()
-        result.image = flow.decode(z_final).detach().float().clamp(0, 1)
+        z_final, _ = rollout(flow, cond, start, offsets, interrupt=interrupt)
+        image = flow.decode(z_final)
+    if bool(torch.isfinite(z_final).all() and torch.isfinite(image).all()):
+        result.latent, result.image = z_final.detach(), image.detach().float().clamp(0, 1)
+        return result
+    if scored_at == 0:
+        raise RuntimeError("the flow produced a non-finite latent or image without guidance (fp16 overflow?); "
+                           "load the flow in fp32 or bf16")
+    result.latent, result.image = current, current_image.float().clamp(0, 1)
+    result.warnings.append(
+        f"the last guidance update gave a non-finite image (overflow; try a smaller guidance scale, or fp32/bf16); "
+        f"returned the image scored at iteration {scored_at} instead")
     return result

@@ -7,6 +7,7 @@ give the same image for the same seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .flows.base import RectifiedFlow
-from .guidance import GuidanceConfig, GuidanceResult, IterationInfo, guide, initial_noise
+from .guidance import GuidanceConfig, GuidanceResult, IterationInfo, auto_guidance_scale, guide, initial_noise
 from .objectives.base import Objective, as_output
 from .objectives.detections import SELECTIONS, LocatedSubject, box_mask, select
 from .plots import draw_boxes
@@ -23,16 +24,17 @@ from .plots import draw_boxes
 
 @dataclass
 class PersonalizeSettings:
-    """Everything besides the models; defaults are the paper's (K=4, N=20, s=1, CFG 3, 512x512)."""
+    """Everything besides the models. None means auto (`resolve_settings`): width, height and CFG from the flow
+    as the reference scripts sample it, steps = the flow's own (its K trained windows), s from the objective."""
 
     prompt: str
     negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
+    width: int | None = None
+    height: int | None = None
     seed: int = 0
     batch_size: int = 1
-    cfg_scale: float = 3.0
-    num_windows: int | None = None  # None keeps the flow's own K
+    cfg_scale: float | None = None
+    num_steps: int | None = None  # model calls per pass; more than K on PeRFlow = sub-steps inside its windows
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
 
     def validate(self) -> None:
@@ -40,11 +42,29 @@ class PersonalizeSettings:
             raise ValueError("the prompt is empty; describe the image, e.g. 'a photo of a person at the beach'")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
-        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 1.0:
-            raise ValueError(f"CFG scale must be a finite number >= 1, got {self.cfg_scale!r}")
-        if self.num_windows is not None and (not isinstance(self.num_windows, int) or self.num_windows < 1):
-            raise ValueError(f"windows K must be an integer >= 1, got {self.num_windows!r}")
+        if self.cfg_scale is not None and (not math.isfinite(self.cfg_scale) or self.cfg_scale < 1.0):
+            raise ValueError(f"CFG scale must be a finite number >= 1 (or auto), got {self.cfg_scale!r}")
+        if self.num_steps is not None and (not isinstance(self.num_steps, int) or self.num_steps < 1):
+            raise ValueError(f"steps must be an integer >= 1 (or auto), got {self.num_steps!r}")
         self.guidance.validate()
+
+
+def resolve_settings(settings: PersonalizeSettings, flow: RectifiedFlow, objective: Objective) -> PersonalizeSettings:
+    """A copy with every auto (None) value resolved from the flow and the objective; the input is not changed."""
+    settings.validate()
+    missing = [name for name in ("width", "height", "cfg_scale") if getattr(settings, name) is None]
+    defaults = flow.defaults()
+    if missing and defaults is None:
+        raise ValueError(f"{type(flow).__name__} has no default image size or CFG scale; set {', '.join(missing)}")
+    scale = settings.guidance.scale
+    return dataclasses.replace(
+        settings,
+        width=defaults.width if settings.width is None else settings.width,
+        height=defaults.height if settings.height is None else settings.height,
+        cfg_scale=defaults.cfg_scale if settings.cfg_scale is None else settings.cfg_scale,
+        num_steps=flow.num_steps if settings.num_steps is None else settings.num_steps,
+        guidance=dataclasses.replace(settings.guidance,
+                                     scale=auto_guidance_scale(objective) if scale is None else scale))
 
 
 @dataclass
@@ -56,6 +76,8 @@ class PersonalizeResult:
     final_similarities: dict[str, float | None]  # subject label -> mean similarity of the output
     final_loss: float | None
     stopped_early: str | None
+    warnings: list[str] = field(default_factory=list)  # what the user must know: subjects not steered, fallbacks
+    settings: PersonalizeSettings | None = None  # the resolved settings the run used
 
     def history(self) -> dict[str, Any]:
         """JSON-friendly record (the CLI writes it next to the images)."""
@@ -65,29 +87,12 @@ class PersonalizeResult:
             "final_similarities": self.final_similarities,
             "final_loss": self.final_loss,
             "stopped_early": self.stopped_early,
+            "warnings": self.warnings,
+            "settings": None if self.settings is None else dataclasses.asdict(self.settings),
         }
 
 
 ProgressCallback = Callable[[IterationInfo], None]
-
-
-def with_windows(flow: RectifiedFlow, num_windows: int | None) -> RectifiedFlow:
-    """The same frozen models walked in `num_windows` windows, without touching the caller's flow.
-
-    ComfyUI caches a loader's output, so the sampler must never change the cached flow;
-    a backend that can re-window itself offers `with_windows(k)` returning a new flow.
-    """
-    if num_windows is None or num_windows == flow.num_windows:
-        return flow
-    if num_windows < 1:
-        raise ValueError(f"windows K must be >= 1, got {num_windows}")
-    rewindow = getattr(flow, "with_windows", None)
-    if rewindow is None:
-        raise ValueError(
-            f"this {type(flow).__name__} was loaded with K={flow.num_windows} windows and cannot change it "
-            f"after loading; set windows to {flow.num_windows}"
-        )
-    return rewindow(int(num_windows))
 
 
 def _as_float(value: Any) -> float | None:
@@ -127,20 +132,70 @@ def subject_similarities(diagnostics: dict[str, Any], labels: list[str] | None =
     return out
 
 
+_NOT_STEERED_HINT = ("name the subject in the prompt (e.g. 'a photo of a person'), check that the reference "
+                     "shows it clearly, or try another seed")
+
+
+def _subject_name(j: int, labels: list[str] | None) -> str:
+    names = unique_labels(labels) if labels else []
+    return f"subject {names[j]!r} ({j + 1})" if j < len(names) else f"subject {j + 1}"
+
+
+def missing_subject_warnings(iterations: list[dict[str, Any]], final: dict[str, Any],
+                             labels: list[str] | None = None) -> list[str]:
+    """Warnings for subjects the objective did not steer, from its diagnostics["missing"].
+
+    "missing" holds, per image of the batch, the 0-based indices of the subjects that got
+    no guidance in that evaluation. Subjects are counted from 1 in the messages; the
+    image is named only for batches.
+    """
+    counts: dict[tuple[int, int], int] = {}
+    batch = 1
+    for diagnostics in iterations:
+        per_image = diagnostics.get("missing") or []
+        batch = max(batch, len(per_image))
+        for b, subjects in enumerate(per_image):
+            for j in set(subjects):
+                counts[(b, j)] = counts.get((b, j), 0) + 1
+    final_missing = final.get("missing") or []
+    batch = max(batch, len(final_missing))
+
+    def where(b: int) -> str:
+        return f" of image {b + 1}" if batch > 1 else ""
+
+    n = len(iterations)
+    out = []
+    for (b, j), count in sorted(counts.items(), key=lambda item: (item[0][1], item[0][0])):
+        if count == n:
+            out.append(f"{_subject_name(j, labels)} was not found in {count} of {n} iterations{where(b)} and was not "
+                       f"steered; {_NOT_STEERED_HINT}")
+        else:
+            out.append(f"{_subject_name(j, labels)} was not found in {count} of {n} iterations{where(b)} "
+                       "(those iterations did not steer it)")
+    for b, subjects in enumerate(final_missing):
+        for j in sorted(set(subjects)):
+            image = f"final image {b + 1}" if batch > 1 else "final image"
+            out.append(f"{_subject_name(j, labels)} is not found in the {image}; {_NOT_STEERED_HINT}")
+    return out
+
+
 def personalize(flow: RectifiedFlow, objective: Objective, settings: PersonalizeSettings,
-                callback: ProgressCallback | None = None, labels: list[str] | None = None) -> PersonalizeResult:
+                callback: ProgressCallback | None = None, labels: list[str] | None = None,
+                interrupt: Callable[[], None] | None = None) -> PersonalizeResult:
     """Generate `batch_size` images of `prompt` steered towards the objective's reference(s).
 
-    `callback` sees every iteration (progress, previews); raising from it cancels.
-    `labels` names the subjects in the similarity history (default "subject 1", ...).
+    Auto (None) settings are resolved first (`resolve_settings`); the result carries them.
+    `callback` sees every iteration (progress, previews); `interrupt` is called before every
+    step's model call; raising from either cancels. `labels` names the subjects in the
+    similarity history and the warnings (default "subject 1", ...).
     """
-    settings.validate()
-    flow = with_windows(flow, settings.num_windows)
+    settings = resolve_settings(settings, flow, objective)
+    flow = flow.with_steps(settings.num_steps)
     shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
     cond = flow.encode([settings.prompt] * settings.batch_size, [settings.negative_prompt] * settings.batch_size,
                        settings.cfg_scale)
     noise = initial_noise(shape, settings.seed, flow.device, flow.dtype)
-    result: GuidanceResult = guide(flow, cond, objective, noise, settings.guidance, callback)
+    result: GuidanceResult = guide(flow, cond, objective, noise, settings.guidance, callback, interrupt)
 
     per_iteration = [subject_similarities(d, labels) for d in result.diagnostics]
     names = list(dict.fromkeys(k for d in per_iteration for k in d))
@@ -148,6 +203,10 @@ def personalize(flow: RectifiedFlow, objective: Objective, settings: Personalize
     with torch.no_grad():
         final = as_output(objective(result.image.to(flow.device)))
     final_loss = _as_float(final.loss.sum())
+    warnings = missing_subject_warnings(result.diagnostics, final.diagnostics, labels)
+    if result.stopped_early:
+        warnings.append(f"guidance stopped early: {result.stopped_early}")
+    warnings += result.warnings
     return PersonalizeResult(
         images=result.image.float().cpu(),
         latent=result.latent.float().cpu(),
@@ -156,6 +215,8 @@ def personalize(flow: RectifiedFlow, objective: Objective, settings: Personalize
         final_similarities=subject_similarities(final.diagnostics, labels),
         final_loss=final_loss,
         stopped_early=result.stopped_early,
+        warnings=warnings,
+        settings=settings,
     )
 
 

@@ -40,8 +40,10 @@ def test_cli_writes_images_and_history_equal_to_the_pipeline(setup, capsys):
     assert "iteration 1/1" in err and "alice" in err
     history = json.loads((folder / "out" / "alice.json").read_text())
     assert [r["prompt"] for r in history["runs"]] == ["a photo of a person"]
-    assert history["settings"]["scale"] == 1.0  # the face default
+    assert history["settings"]["scale"] is None and history["settings"]["steps"] is None  # auto, as given
     first = history["runs"][0]
+    used = first["settings"]  # what auto resolved to: the face default s and the flow's own K=4 steps
+    assert (used["guidance"]["scale"], used["num_steps"], used["width"], used["cfg_scale"]) == (1.0, 4, 16, 1.0)
     assert len(first["losses"]) == 1 and list(first["similarities"]) == ["alice"]
     assert first["images"] == [str(out)]
 

@@ -49,18 +49,22 @@ def test_perflow_timesteps(steps, expected):
 
 
 def test_substep_increments_reach_the_next_timestep():
-    subs = [schedule.window_substeps(k, 4, 6) for k in range(4)]
-    assert [[(s.timestep, s.dt) for s in w] for w in subs] == [
-        [(1000, pytest.approx(-0.125)), (875, pytest.approx(-0.125))],
-        [(750, pytest.approx(-0.125)), (625, pytest.approx(-0.125))],
-        [(500, pytest.approx(-0.25))], [(250, pytest.approx(-0.25))]]
-    total = sum(s.dt for w in subs for s in w)
-    assert total == pytest.approx(-1.0)
+    subs = schedule.perflow_substeps(4, 6)
+    assert [(s.window, s.timestep, s.dt) for s in subs] == [
+        (0, 1000, pytest.approx(-0.125)), (0, 875, pytest.approx(-0.125)),
+        (1, 750, pytest.approx(-0.125)), (1, 625, pytest.approx(-0.125)),
+        (2, 500, pytest.approx(-0.25)), (3, 250, pytest.approx(-0.25))]
+    assert sum(s.dt for s in subs) == pytest.approx(-1.0)
 
 
 def test_bad_windows_and_steps_are_rejected():
     with pytest.raises(ValueError, match="steps"):
         schedule.perflow_timesteps(4, 3)
+    # 250 sub-steps in a 250-timestep window (997 steps: the first window takes 250) truncate two of them to
+    # the same integer timestep; 249 per window (996 steps) stay distinct
+    schedule.perflow_timesteps(4, 996)
+    with pytest.raises(ValueError, match="same integer model timestep.*use at most 996 steps"):
+        schedule.perflow_timesteps(4, 997)
     with pytest.raises(IndexError, match="window index 4"):
         schedule.window_bounds(4, 4)
     with pytest.raises(ValueError, match="steps"):
@@ -71,7 +75,7 @@ def _window_end_by_substeps(z_s, eps, prediction, k, steps, abar_s, abar_e):
     """Run PeRFlow's sub-step rule with a model that always returns `eps`."""
     t_s, t_e = schedule.window_bounds(k, 4)
     z = z_s
-    for sub in schedule.window_substeps(k, 4, steps):
+    for sub in (s for s in schedule.perflow_substeps(4, steps) if s.window == k):
         v = schedule.perflow_velocity(eps, z, prediction, sub.timestep / 1000, t_s, t_e, abar_s, abar_e)
         z = z + sub.dt * v
     return z

@@ -10,7 +10,7 @@ from rectifid_core.flows import load_flow
 from rectifid_core.guidance import GuidanceConfig, guide, initial_noise
 from rectifid_core.objectives.base import ObjectiveOutput
 from rectifid_core.pipeline import (PersonalizeSettings, box_mask, personalize, square_crop, subject_similarities,
-                                    unique_labels, with_windows)
+                                    unique_labels)
 from rectifid_core.plots import PALETTE, draw_boxes, line_chart, plot_history
 
 
@@ -52,12 +52,16 @@ def test_guidance_improves_the_objective(flow):
     assert guided.losses[0] == pytest.approx(plain.final_loss, rel=1e-4)  # iteration 0 sees the unguided image
 
 
-def test_windows_override_leaves_the_loaded_flow_alone(flow):
-    assert with_windows(flow, None) is flow and with_windows(flow, 4) is flow
-    eight = with_windows(flow, 8)
-    assert (flow.num_windows, eight.num_windows) == (4, 8)
+def test_steps_override_leaves_the_loaded_flow_alone(flow):
+    settings = PersonalizeSettings(prompt="a photo", width=16, height=16, cfg_scale=1.0, num_steps=8,
+                                   guidance=GuidanceConfig(iterations=0))
+    result = personalize(flow, brightness, settings)
+    assert (flow.num_windows, flow.num_steps, result.settings.num_steps) == (4, 4, 8)
     assert [t[0] for t in flow.timesteps()] == [1000, 750, 500, 250]
-    assert [t[0] for t in eight.timesteps()] == [1000, 875, 750, 625, 500, 375, 250, 125]
+    eight = flow.with_steps(8)
+    cond = eight.encode(["a photo"], [""], 1.0)
+    expected = guide(eight, cond, brightness, initial_noise((1, 4, 8, 8), 0), GuidanceConfig(iterations=0))
+    torch.testing.assert_close(result.latent, expected.latent)
 
 
 def test_settings_are_checked():
@@ -65,8 +69,8 @@ def test_settings_are_checked():
         PersonalizeSettings(prompt="  ").validate()
     with pytest.raises(ValueError, match="CFG scale"):
         PersonalizeSettings(prompt="x", cfg_scale=0.5).validate()
-    with pytest.raises(ValueError, match="windows K"):
-        PersonalizeSettings(prompt="x", num_windows=0).validate()
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        PersonalizeSettings(prompt="x", num_steps=0).validate()
 
 
 def test_subject_similarities_shapes():

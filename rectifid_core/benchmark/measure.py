@@ -101,11 +101,11 @@ def _reset_peak_rss() -> bool:
 
 
 def floor_pass(models: BenchModels, cond: Any, noise: torch.Tensor) -> None:
-    """The unavoidable work of one iteration: the chain forward, then its backward to every window input."""
+    """The unavoidable work of one iteration: the chain forward, then its backward to every step input."""
     flow = models.flow
     z = noise.detach().clone().requires_grad_(True)
     starts = []
-    for k in range(flow.num_windows):
+    for k in range(flow.num_steps):
         starts.append(z)
         z = flow.step(z, k, cond)
     loss = models.objective(flow.decode(z)).loss.float().sum()

@@ -1,8 +1,12 @@
 """The one interface the guidance solver needs from a rectified flow.
 
-A backend owns its models and its window math; the solver only walks windows.
-Keeping this surface small is what lets the same solver drive PeRFlow,
-2-rectified flow / InstaFlow and the toy digits flow.
+A backend owns its models and its window math; the solver only walks steps.
+A flow is trained with K windows (`num_windows`); a pass runs `num_steps` >= K
+steps, one model call each (PeRFlow splits its windows into sub-steps; an Euler
+flow has one window per step). The solver keeps one offset per step, as the
+reference code does with its per-scheduler-step callback. Keeping this surface
+small is what lets the same solver drive PeRFlow, 2-rectified flow / InstaFlow
+and the toy digits flow.
 """
 from __future__ import annotations
 
@@ -12,6 +16,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class FlowDefaults:
+    """Image size and CFG scale the authors' scripts sample this kind of flow with, and where that is written."""
+
+    width: int
+    height: int
+    cfg_scale: float
+    source: str
 
 
 @dataclass
@@ -28,7 +42,7 @@ class Conditioning:
 
 
 class RectifiedFlow(ABC):
-    """A frozen few-step flow: noise z_0 -> latent z_K in `num_windows` differentiable steps."""
+    """A frozen few-step flow: noise z_0 -> latent z_S in `num_steps` differentiable steps over K trained windows."""
 
     num_windows: int
     latent_channels: int
@@ -36,13 +50,18 @@ class RectifiedFlow(ABC):
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def num_steps(self) -> int:
+        """Steps (model calls) per pass; one per window unless the backend splits its windows."""
+        return self.num_windows
+
     @abstractmethod
     def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
         """Encode positive/negative prompts once (classifier-free guidance scale included)."""
 
     @abstractmethod
-    def step(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
-        """Advance window k (0-based, noise side first) with CFG; differentiable w.r.t. z."""
+    def step(self, z: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
+        """Advance step i (0-based, noise side first): one model call with CFG; differentiable w.r.t. z."""
 
     @abstractmethod
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -52,7 +71,11 @@ class RectifiedFlow(ABC):
     def window_gammas(self) -> list[float] | None:
         """Per-window gamma_k = sqrt(abar_start/abar_end), or None for a plain Euler flow."""
 
-    def anchor_coefficients(self) -> list[float]:
+    def step_windows(self) -> list[int]:
+        """The window (0-based) each step belongs to."""
+        return list(range(self.num_windows))
+
+    def window_anchor_coefficients(self) -> list[float]:
         """The intended c_k of the anchored update, one per window.
 
         It rescales a guidance step taken at a window's start into an offset at its
@@ -63,6 +86,29 @@ class RectifiedFlow(ABC):
         if gammas is None:
             return [1.0] * self.num_windows
         return [math.sqrt(max(0.0, 1.0 - g * g)) for g in gammas]
+
+    def anchor_coefficients(self) -> list[float]:
+        """c per step: the coefficient of the window the step belongs to.
+
+        The reference computes it in its per-step callback from `get_window_alpha(t)`
+        of the step's timestep, i.e. from the window that holds the step.
+        """
+        per_window = self.window_anchor_coefficients()
+        return [per_window[k] for k in self.step_windows()]
+
+    def with_steps(self, num_steps: int) -> "RectifiedFlow":
+        """The same frozen models run in `num_steps` steps, as a new flow (a cached flow is never changed).
+
+        A backend that cannot change its step count after loading refuses anything else.
+        """
+        if num_steps != self.num_steps:
+            raise ValueError(f"this {type(self).__name__} runs {self.num_steps} steps and cannot change that after "
+                             f"loading; set steps to {self.num_steps} (or auto)")
+        return self
+
+    def defaults(self) -> FlowDefaults | None:
+        """Image size and CFG the reference scripts use for this flow; None when they name none."""
+        return None
 
     def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
         """Let the backend recompute activations inside its own modules; a no-op by default.

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Conditioning
+from .base import Conditioning, FlowDefaults
 from .schedule import euler_timesteps
 from .stable_diffusion import StableDiffusionComponents, StableDiffusionFlow
+
+# single_person.py l.39 guidance_scale = 1.5 (2RFlow) and l.50 size = 512; the 2-RF notebooks use 1.5 too
+_DEFAULTS = FlowDefaults(512, 512, 1.5, "single_person.py l.39 guidance_scale = 1.5 (2RFlow), l.50 size = 512")
 
 
 class EulerVelocityFlow(StableDiffusionFlow):
@@ -17,24 +20,24 @@ class EulerVelocityFlow(StableDiffusionFlow):
         super().__init__(components, num_windows, device, dtype)
         self.num_train_timesteps = int(num_train_timesteps)
 
-    @property
-    def steps(self) -> int:
-        """Model calls per sample; one per window for an Euler flow."""
-        return self.num_windows
+    def with_steps(self, num_steps: int) -> "EulerVelocityFlow":
+        """The same models with `num_steps` Euler steps (any number >= 1: the flow is an ODE)."""
+        if num_steps == self.num_steps:
+            return self
+        return EulerVelocityFlow(self.components, num_steps, self.device, self.dtype, self.num_train_timesteps)
 
-    def with_windows(self, num_windows: int) -> "EulerVelocityFlow":
-        """The same models with `num_windows` Euler steps."""
-        return EulerVelocityFlow(self.components, num_windows, self.device, self.dtype, self.num_train_timesteps)
+    def defaults(self) -> FlowDefaults:
+        return _DEFAULTS
 
     def window_gammas(self) -> None:
         return None
 
     def timesteps(self) -> list[float]:
-        """Model timestep of every window (for display and checks)."""
+        """Model timestep of every step (for display and checks)."""
         return euler_timesteps(self.num_windows, self.num_train_timesteps)
 
-    def step(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
-        if not 0 <= k < self.num_windows:
-            raise IndexError(f"window index {k} is out of range for {self.num_windows} windows")
-        t = self.timesteps()[k]
+    def step(self, z: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"step index {i} is out of range for {self.num_windows} steps")
+        t = self.timesteps()[i]
         return z + self.predict(z, t, cond) / self.num_windows

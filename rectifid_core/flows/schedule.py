@@ -75,12 +75,7 @@ def window_gamma(abar: torch.Tensor, k: int, num_windows: int) -> float:
     return math.sqrt(abar_s / abar_e)
 
 
-def perflow_timesteps(num_windows: int, steps: int, num_train_timesteps: int = 1000) -> list[list[int]]:
-    """Integer model timesteps per window; the first window(s) take the remainder of steps/K."""
-    if num_windows < 1:
-        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
-    if steps < num_windows:
-        raise ValueError(f"steps ({steps}) must be >= num_windows ({num_windows}): every window needs a model call")
+def _spread_timesteps(num_windows: int, steps: int, num_train_timesteps: int) -> list[list[int]]:
     per_window = []
     for k in range(num_windows):
         n = steps // num_windows + (1 if k < steps % num_windows else 0)
@@ -90,25 +85,52 @@ def perflow_timesteps(num_windows: int, steps: int, num_train_timesteps: int = 1
     return per_window
 
 
+def _distinct(per_window: list[list[int]]) -> bool:
+    flat = [t for ts in per_window for t in ts]
+    return all(a > b for a, b in zip(flat, flat[1:]))
+
+
+def perflow_timesteps(num_windows: int, steps: int, num_train_timesteps: int = 1000) -> list[list[int]]:
+    """Integer model timesteps per window; the first window(s) take the remainder of steps/K.
+
+    Refuses what PeRFlow's scheduler cannot run: fewer steps than trained windows (it
+    would silently run K steps instead) and so many steps that two of them truncate to
+    the same integer timestep (its step lookup by timestep then breaks).
+    """
+    if num_windows < 1:
+        raise ValueError(f"num_windows must be >= 1, got {num_windows}")
+    if steps < num_windows:
+        raise ValueError(f"steps ({steps}) must be >= num_windows ({num_windows}): this PeRFlow was trained with "
+                         f"{num_windows} windows and every window needs at least one model call; use {num_windows} "
+                         f"steps (or more, which split the windows into sub-steps)")
+    per_window = _spread_timesteps(num_windows, steps, num_train_timesteps)
+    if not _distinct(per_window):
+        most = next(n for n in range(steps - 1, num_windows - 1, -1)
+                    if _distinct(_spread_timesteps(num_windows, n, num_train_timesteps)))
+        raise ValueError(f"{steps} steps put two sub-steps on the same integer model timestep, which PeRFlow's "
+                         f"scheduler cannot run; use at most {most} steps")
+    return per_window
+
+
 @dataclass(frozen=True)
 class SubStep:
-    """One model call inside a window: the model timestep and the time increment dt (< 0)."""
+    """One model call of a PeRFlow pass: its window, the model timestep and the time increment dt (< 0)."""
 
+    window: int
     timestep: int
     dt: float
 
 
-def window_substeps(k: int, num_windows: int, steps: int, num_train_timesteps: int = 1000) -> list[SubStep]:
-    """Sub-steps of window k; each moves to the next timestep of the whole schedule (0 after the last)."""
-    window_bounds(k, num_windows)
+def perflow_substeps(num_windows: int, steps: int, num_train_timesteps: int = 1000) -> list[SubStep]:
+    """Every model call of a `steps`-step pass in order; each moves to the next timestep (0 after the last).
+
+    The window of a sub-step is the one whose linspace produced it, which is the window
+    PeRFlow's `get_window_alpha` looks up from that timestep.
+    """
     per_window = perflow_timesteps(num_windows, steps, num_train_timesteps)
-    flat = [t for ts in per_window for t in ts]
-    first = sum(len(ts) for ts in per_window[:k])
-    out = []
-    for i in range(first, first + len(per_window[k])):
-        nxt = flat[i + 1] if i + 1 < len(flat) else 0
-        out.append(SubStep(timestep=flat[i], dt=(nxt - flat[i]) / num_train_timesteps))
-    return out
+    flat = [(k, t) for k, ts in enumerate(per_window) for t in ts]
+    nexts = [t for _, t in flat[1:]] + [0]
+    return [SubStep(window=k, timestep=t, dt=(nxt - t) / num_train_timesteps) for (k, t), nxt in zip(flat, nexts)]
 
 
 def window_end_coefficients(prediction_type: str, abar_s: float, abar_e: float) -> tuple[float, float]:

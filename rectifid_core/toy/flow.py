@@ -61,6 +61,10 @@ class DigitFlow(RectifiedFlow):
         """The trained 2-rectified flow ('flow') or its 1-rectified teacher ('flow_1rf')."""
         return cls(load_weights(name), num_windows)
 
+    def with_steps(self, num_steps: int) -> "DigitFlow":
+        """The same network with `num_steps` Euler steps."""
+        return self if num_steps == self.num_steps else DigitFlow(self.net, num_steps)
+
     def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
         if len(negative_prompts) not in (0, len(prompts)):
             raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
