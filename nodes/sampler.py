@@ -122,8 +122,9 @@ class RectifIDSampler:
                                    "tooltip": "N, guidance iterations (one forward + backward each). 20 (the default) "
                                               "is fast, 50-100 give a closer likeness. 0 = plain sampling."}),
             "guidance_scale": ("FLOAT", {"default": float(AUTO), "min": 0.0, "max": 20.0, "step": 0.05,
-                                         "tooltip": "s, step size of the identity guidance. 0 = auto: 1.0 for faces, "
-                                                    "2.0 for objects and animals (the reference code's values)."}),
+                                         "tooltip": "s, step size of the identity guidance. 0 = auto: 2.0 when a subject "
+                                                    "is an object or animal, else 1.0 (faces, CLIP), the reference "
+                                                    "code's values."}),
             "cfg": ("FLOAT", {"default": float(AUTO), "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01,
                               "tooltip": "Classifier-free guidance scale of the prompt; 1.0 halves the cost (no "
                                          "negative pass). 0 = auto: 3.0 for PeRFlow SD1.5, 4.5 for PeRFlow SD2.1, "

@@ -91,6 +91,28 @@ def test_sampler_inputs_and_outputs():
     assert sampler.RETURN_NAMES == ("images", "latent", "history_plot", "report")
 
 
+def test_sampler_auto_tooltips_say_what_auto_resolves_to():
+    from types import SimpleNamespace
+
+    from rectifid_core.flows import euler, perflow
+    from rectifid_core.guidance import auto_guidance_scale
+
+    req = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]
+    tip = {name: req[name][1]["tooltip"] for name in ("width", "height", "cfg", "guidance_scale")}
+    for name in ("width", "height"):
+        for defaults, flows in ((perflow._SD15, "SD1.5 flows"), (perflow._SD21, "SD2.1"), (perflow._SDXL, "SDXL"),
+                                (euler._DEFAULTS, "SD1.5 flows")):
+            assert f"{getattr(defaults, name)} for {flows}" in tip[name]
+    for defaults, flows in ((perflow._SD15, "PeRFlow SD1.5"), (perflow._SD21, "PeRFlow SD2.1"),
+                            (perflow._SDXL, "PeRFlow SDXL"), (euler._DEFAULTS, "2-rectified flow and InstaFlow")):
+        assert f"{defaults.cfg_scale} for {flows}" in tip["cfg"]
+    obj, face = SimpleNamespace(kind="subject"), SimpleNamespace(kind="face")
+    assert f"{auto_guidance_scale(SimpleNamespace(subjects=[face, obj]))} when a subject is an object" in tip[
+        "guidance_scale"]
+    assert f"else {auto_guidance_scale(face)} (faces, CLIP" in tip["guidance_scale"]
+    assert auto_guidance_scale(SimpleNamespace(kind="clip")) == auto_guidance_scale(face)
+
+
 # a choice a tooltip names: "name = ..." / "name / ..." or a snake_case word; file names and paths are not choices
 NAMED_CHOICE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)\s+(?:=|/)\s|(?<![\w./-])([a-z][a-z0-9]*_[a-z0-9_]+)(?![\w./-])")
 MATH_SYMBOL = re.compile(r"[a-z]+_[a-z0-9]")  # c_k, gamma_k
