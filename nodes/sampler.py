@@ -191,7 +191,7 @@ class RectifIDSampler:
         if len(result.losses) < progress.total:  # N=0 or stopped early: still show the bar as done
             progress.update(progress.total)
         lines = report(result, asked)
-        for line in lines:
-            logger.info("RectifID: %s", line)
+        for line in lines:  # the console shows warnings even where the report is not connected
+            logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "RectifID: %s", line)
         plot = plot_history(result.losses, result.similarities)
         return (image_to_comfy(result.images), {"samples": result.latent}, image_to_comfy(plot), "\n".join(lines))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -112,6 +113,24 @@ def test_cancel_ends_a_slow_iteration_within_one_model_call(models, monkeypatch)
         comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
     assert len(calls) == 2  # the iteration's remaining windows, decode and backward never ran
     bridge.check_interrupt()  # the flag was consumed, the next run is not cancelled
+
+
+def test_unsteered_subject_is_a_warning_in_the_report_and_the_log(models, caplog):
+    """A subject the objective never found is not a silent success: the report and ComfyUI's console say so."""
+    flow, _ = models
+
+    def never_found(image: torch.Tensor) -> ObjectiveOutput:
+        return ObjectiveOutput(0.0 * image.mean(dim=(1, 2, 3)), {"missing": [[0]] * image.shape[0]})
+
+    args = dict(positive="a photo", negative="", width=16, height=16, seed=0, steps=0, iterations=2,
+                guidance_scale=0.0, cfg=0.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
+    with caplog.at_level(logging.INFO, logger="RectifID"):
+        *_, report = comfy(N["RectifIDSampler"]().sample, flow, common.ObjectiveBundle(never_found, ["bob"]), **args)
+    warnings = [line for line in report.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("bob" in w for w in warnings)
+    assert "2 of 2 iterations" in warnings[0] and "final image" in warnings[1]
+    logged = [r.getMessage() for r in caplog.records if r.name == "RectifID" and r.levelno == logging.WARNING]
+    assert logged == [f"RectifID: {w}" for w in warnings]
 
 
 def test_detect_and_crop_policies(models):
