@@ -151,12 +151,17 @@ def torch_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def free_vram_for_sampling(device: torch.device) -> None:
-    """Our models live outside ComfyUI's model manager, so ask it to unload its own before we run."""
+def free_vram_for_sampling(device: torch.device, required_bytes: int) -> None:
+    """Ask ComfyUI to make `required_bytes` (plus its reserve) free on `device` before we sample.
+
+    Our models live outside ComfyUI's model manager, so it cannot count what we need;
+    `free_memory` unloads its least recently used models only as far as that amount
+    needs (partially, where it can), so a user's other models stay loaded.
+    """
     mm = _comfy_module("model_management")
-    if mm is not None and device.type != "cpu":
-        mm.unload_all_models()
-        mm.soft_empty_cache()
+    if mm is None or device.type == "cpu":
+        return
+    mm.free_memory(int(required_bytes) + int(mm.extra_reserved_memory()), device)
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -1,6 +1,7 @@
-"""The RectifID sampler node: prompts + objective -> guided images, latent and a history plot."""
+"""The RectifID sampler node: prompts + objective -> guided images, latent, a history plot and a text report."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -9,14 +10,17 @@ import torch
 from PIL import Image
 
 from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo,
-                                    resolve_memory_mode)
-from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize
+                                    estimate_guidance_bytes, resolve_memory_mode)
+from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize, resolve_settings
 from rectifid_core.plots import plot_history
 
 from . import comfy_bridge as bridge
 from .common import CATEGORY, FLOW, OBJECTIVE, ObjectiveBundle, autograd_enabled, image_to_comfy
 
 logger = logging.getLogger("RectifID")
+
+AUTO = 0  # widget value of width, height, steps, cfg and guidance_scale that resolves from the flow / objective
+ESTIMATE_MARGIN = 1.1  # the activation estimate is a fitted model; ComfyUI adds the same 10% to model sizes
 
 
 def _preview(images: torch.Tensor) -> Image.Image:
@@ -26,9 +30,56 @@ def _preview(images: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def summarize(result: PersonalizeResult) -> list[str]:
-    """One line per subject: similarity of the output and how it moved during guidance."""
-    lines = []
+def _auto(value: float) -> float | None:
+    return None if value == AUTO else value
+
+
+def _bytes_off_device(flow: Any, device: torch.device) -> int:
+    """Weights and buffers of the flow's models not yet on `device`, so not yet in its used memory.
+
+    The discriminators are moved to their device by their loaders and are counted there already.
+    """
+    components = getattr(flow, "components", None)
+    if components is None or not dataclasses.is_dataclass(components):
+        return 0
+    total = 0
+    for part in dataclasses.fields(components):
+        module = getattr(components, part.name)
+        if isinstance(module, torch.nn.Module):
+            tensors = [*module.parameters(), *module.buffers()]
+            total += sum(t.numel() * t.element_size() for t in tensors if t.device != device)
+    return total
+
+
+def memory_needed(flow: Any, settings: PersonalizeSettings, device: torch.device) -> int:
+    """Bytes this run needs free on `device`: weights not there yet + one iteration's activations (with margin).
+
+    `settings` are resolved (no auto left), and its memory mode is store, checkpoint or lowest.
+    """
+    shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
+    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
+    mode = settings.guidance.memory
+    estimate = estimate_guidance_bytes(shape, settings.num_steps, family, flow.dtype)
+    # lowest keeps less than checkpoint; the checkpoint estimate bounds it
+    activations = estimate["store" if mode == "store" else "checkpoint"]
+    return _bytes_off_device(flow, device) + int(ESTIMATE_MARGIN * activations)
+
+
+def _shown(value: float, asked: float | None) -> str:
+    return f"{value:g} (auto)" if asked is None else f"{value:g}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
+    """The run in words: the settings used (auto ones marked), every subject's similarity, the warnings."""
+    used, g = result.settings, result.settings.guidance
+    lines = [f"settings: {_shown(used.width, asked.width)} x {_shown(used.height, asked.height)} px, "
+             f"{_shown(used.num_steps, asked.num_steps)} steps, {_plural(g.iterations, 'iteration')}, guidance scale "
+             f"{_shown(g.scale, asked.guidance.scale)}, CFG {_shown(used.cfg_scale, asked.cfg_scale)}, solver {g.mode}, "
+             f"c_k {g.ck_mode}, memory {g.memory}, seed {used.seed}, batch {used.batch_size}"]
     for name, value in result.final_similarities.items():
         series = [v for v in result.similarities.get(name, []) if v is not None]
         start = f" (first iteration {series[0]:.3f}, best {max(series):.3f})" if series else ""
@@ -36,10 +87,9 @@ def summarize(result: PersonalizeResult) -> list[str]:
         lines.append(f"{name}: similarity {shown}{start}")
     n = len(result.losses)
     if n and result.final_loss is not None:
-        lines.append(f"loss {result.losses[0]:.3f} before guidance, {result.final_loss:.3f} after {n} "
-                     f"iteration{'s' if n != 1 else ''}")
-    if result.stopped_early:
-        lines.append(f"stopped early: {result.stopped_early}")
+        lines.append(f"loss {result.losses[0]:.3f} before guidance, {result.final_loss:.3f} after "
+                     f"{_plural(n, 'iteration')}")
+    lines += [f"warning: {w}" for w in result.warnings]
     return lines
 
 
@@ -56,82 +106,92 @@ class RectifIDSampler:
                            "comes from the reference, the rest from the prompt."}),
             "negative": ("STRING", {"multiline": True, "default": "",
                                     "tooltip": "Negative prompt (used when CFG > 1)."}),
-            "width": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8,
-                              "tooltip": "Image width; a multiple of the VAE factor (8 for SD)."}),
-            "height": ("INT", {"default": 512, "min": 16, "max": 4096, "step": 8,
-                               "tooltip": "Image height; a multiple of the VAE factor (8 for SD)."}),
+            "width": ("INT", {"default": AUTO, "min": 0, "max": 4096, "step": 8,
+                              "tooltip": "Image width, a multiple of 8. 0 = auto: the flow's native size (512 for "
+                                         "SD1.5 flows, 768 for SD2.1, 1024 for SDXL)."}),
+            "height": ("INT", {"default": AUTO, "min": 0, "max": 4096, "step": 8,
+                               "tooltip": "Image height, a multiple of 8. 0 = auto: the flow's native size (512 for "
+                                          "SD1.5 flows, 768 for SD2.1, 1024 for SDXL)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Noise seed; the same seed gives the same image on CPU and GPU."}),
-            "windows": ("INT", {"default": 4, "min": 1, "max": 32,
-                                "tooltip": "K, the number of flow windows (model calls per pass). 4 for PeRFlow; "
-                                           "more is slower and rarely better."}),
+            "steps": ("INT", {"default": AUTO, "min": 0, "max": 64,
+                              "tooltip": "Model calls per pass. 0 = auto: the flow's trained windows (4 for PeRFlow). "
+                                         "PeRFlow runs more steps as sub-steps inside its trained windows and refuses "
+                                         "fewer; 2-rectified flow and InstaFlow take that many Euler steps."}),
             "iterations": ("INT", {"default": 20, "min": 0, "max": 1000,
-                                   "tooltip": "N, guidance iterations (one forward + backward each). 20 fast, "
-                                              "50 default, 100 best likeness. 0 = plain sampling."}),
-            "guidance_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 20.0, "step": 0.05,
-                                         "tooltip": "s, step size of the identity guidance: 1.0 for faces, "
-                                                    "2.0 for objects and animals."}),
-            "cfg": ("FLOAT", {"default": 3.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale of the prompt: 3.0 for PeRFlow SD1.5, "
-                                         "1.5 for 2-rectified flow. 1.0 halves the cost (no negative pass)."}),
+                                   "tooltip": "N, guidance iterations (one forward + backward each). 20 (the default) "
+                                              "is fast, 50-100 give a closer likeness. 0 = plain sampling."}),
+            "guidance_scale": ("FLOAT", {"default": float(AUTO), "min": 0.0, "max": 20.0, "step": 0.05,
+                                         "tooltip": "s, step size of the identity guidance. 0 = auto: 2.0 when a subject "
+                                                    "is an object or animal, else 1.0 (faces, CLIP), the reference "
+                                                    "code's values."}),
+            "cfg": ("FLOAT", {"default": float(AUTO), "min": 0.0, "max": 20.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale of the prompt; 1.0 halves the cost (no "
+                                         "negative pass). 0 = auto: 3.0 for PeRFlow SD1.5, 4.5 for PeRFlow SD2.1, "
+                                         "1.0 for PeRFlow SDXL, 1.5 for 2-rectified flow and InstaFlow."}),
             "ck_mode": (list(CK_MODES), {
                 "default": "per_window",
                 "tooltip": "Anchor coefficient c_k per window. per_window = sqrt(1-gamma_k^2) (intended); legacy = "
                            "the released code's constant 0.958; one = 1 (what Euler flows use anyway)."}),
             "solver": (list(SOLVER_MODES), {
                 "default": "anchored",
-                "tooltip": "anchored = RectifID. no_anchor / noise_gd = the paper's ablations. anchored_anderson "
-                           "solves the same problem as anchored with Anderson acceleration (fewer iterations)."}),
+                "tooltip": "anchored = RectifID. no_anchor / noise_gd = the paper's ablations. anchored_momentum "
+                           "solves the same problem as anchored with heavy-ball momentum on the offsets (promising "
+                           "on the toy benchmark, not yet measured on real models)."}),
             "memory": (list(MEMORY_MODES), {
                 "default": "auto",
                 "tooltip": "store keeps activations for the backward pass (fastest); checkpoint recomputes them "
                            "(slower, far less VRAM: SDXL, large images or batches); lowest also runs the CFG halves one "
-                           "at a time (slower still); auto picks store when it fits in free VRAM, else checkpoint."}),
+                           "at a time (slower still); auto picks store when it fits in the VRAM free now, else "
+                           "checkpoint. Only as much VRAM as the chosen mode needs is freed from ComfyUI's models."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images generated together from one seed (each gets its own noise)."}),
         }}
 
-    RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE")
-    RETURN_NAMES = ("images", "latent", "history_plot")
+    RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE", "STRING")
+    RETURN_NAMES = ("images", "latent", "history_plot", "report")
     OUTPUT_TOOLTIPS = ("The personalized images.",
                        "Their latents (SD-scaled, for VAE Decode or further sampling).",
-                       "Loss and similarity per iteration.")
+                       "Loss and similarity per iteration.",
+                       "The run in words: settings used (auto values resolved), every subject's final similarity "
+                       "and any warning (e.g. a subject that was never found). Connect a 'Preview Any' node.")
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Generates images that keep the reference subject's identity by anchored classifier guidance "
                    "(RectifID) through a few-step rectified flow.")
 
     def sample(self, flow: Any, objective: ObjectiveBundle, positive: str, negative: str, width: int, height: int,
-               seed: int, windows: int, iterations: int, guidance_scale: float, cfg: float, ck_mode: str,
-               solver: str, memory: str, batch_size: int) -> dict[str, Any]:
+               seed: int, steps: int, iterations: int, guidance_scale: float, cfg: float, ck_mode: str,
+               solver: str, memory: str, batch_size: int) -> tuple:
         if not isinstance(objective, ObjectiveBundle):
             raise TypeError(f"objective must come from a RectifID subject or 'Match Subjects' node, "
                             f"got {type(objective).__name__}")
         bridge.check_interrupt()
-        bridge.free_vram_for_sampling(flow.device)
+        asked = PersonalizeSettings(
+            prompt=positive, negative_prompt=negative, width=_auto(int(width)), height=_auto(int(height)),
+            seed=int(seed), batch_size=int(batch_size), cfg_scale=_auto(float(cfg)), num_steps=_auto(int(steps)),
+            guidance=GuidanceConfig(scale=_auto(float(guidance_scale)), iterations=int(iterations), mode=solver,
+                                    ck_mode=ck_mode, memory=memory))
+        settings = resolve_settings(asked, flow, objective.objective)
         if memory == "auto":  # ComfyUI's count of free VRAM includes what its caches can give back
-            memory = resolve_memory_mode(memory, flow, flow.latent_shape(int(batch_size), int(height), int(width)),
-                                         bridge.free_memory(flow.device))
-        config = GuidanceConfig(scale=float(guidance_scale), iterations=int(iterations), mode=solver,
-                                ck_mode=ck_mode, memory=memory)
-        settings = PersonalizeSettings(prompt=positive, negative_prompt=negative, width=int(width),
-                                       height=int(height), seed=int(seed), batch_size=int(batch_size),
-                                       cfg_scale=float(cfg), num_steps=int(windows), guidance=config)
+            shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
+            settings.guidance = dataclasses.replace(
+                settings.guidance, memory=resolve_memory_mode(memory, flow, shape, bridge.free_memory(flow.device)))
         settings.validate()
+        bridge.free_vram_for_sampling(flow.device, memory_needed(flow, settings, flow.device))
         progress = bridge.Progress(max(1, int(iterations)))
         previews = bridge.previews_enabled()
 
         def on_iteration(info: IterationInfo) -> None:
-            bridge.check_interrupt()
             progress.update(info.iteration + 1, _preview(info.image) if previews else None)
 
         with autograd_enabled():
-            result = personalize(flow, objective.objective, settings, callback=on_iteration, labels=objective.labels)
+            result = personalize(flow, objective.objective, settings, callback=on_iteration, labels=objective.labels,
+                                 interrupt=bridge.check_interrupt)
         if len(result.losses) < progress.total:  # N=0 or stopped early: still show the bar as done
             progress.update(progress.total)
-        lines = summarize(result)
-        for line in lines:
-            logger.info("RectifID: %s", line)
+        lines = report(result, asked)
+        for line in lines:  # the console shows warnings even where the report is not connected
+            logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "RectifID: %s", line)
         plot = plot_history(result.losses, result.similarities)
-        return {"ui": {"text": lines},
-                "result": (image_to_comfy(result.images), {"samples": result.latent}, image_to_comfy(plot))}
+        return (image_to_comfy(result.images), {"samples": result.latent}, image_to_comfy(plot), "\n".join(lines))

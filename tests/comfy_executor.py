@@ -5,8 +5,9 @@ maps every node's widgets_values onto its widget inputs in INPUT_TYPES order
 (skipping the frontend's extra values: "control_after_generate" after seeds,
 the upload button after LoadImage's file), follows the links, and calls each
 node's FUNCTION under torch.inference_mode(), as ComfyUI's execution.py does.
-Only ComfyUI's LoadImage / SaveImage / PreviewImage are replaced, by minimal
-stand-ins with the same inputs.
+Only ComfyUI's LoadImage / SaveImage / PreviewImage / PreviewAny are replaced, by
+minimal stand-ins with the same inputs (importing ComfyUI's nodes.py needs its
+whole runtime; `comfyui_path` finds its source for the tests that run its code).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
+COMFYUI_ENV = "COMFYUI_PATH"
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 FRONTEND_ONLY = ("Note", "MarkdownNote")  # drawn by the frontend, never sent to the server
 SEED_NAMES = ("seed", "noise_seed")
@@ -40,6 +42,20 @@ def load_pack(name: str = "ComfyUI-RectifID") -> Any:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def comfyui_path() -> Path:
+    """ComfyUI's source for tests that run its own code: $COMFYUI_PATH, default ../shared/comfyui beside the repo.
+
+    Skips the calling test, saying where it looked, when it is not there.
+    """
+    import pytest
+
+    path = Path(os.environ.get(COMFYUI_ENV, REPO.parent / "shared" / "comfyui")).resolve()
+    if not (path / "comfy" / "model_management.py").is_file():
+        pytest.skip(f"ComfyUI source not found at {path}: set {COMFYUI_ENV} to a ComfyUI 0.8.0 checkout "
+                    f"(and pip install -e '.[test]' for what its modules import)")
+    return path
 
 
 # names the saved workflows use, so tests run them without renaming any model
@@ -127,7 +143,24 @@ class PreviewImage(SaveImage):
         return super().save_images(images, filename_prefix)
 
 
-CORE_NODES: dict[str, type] = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+class PreviewAny:
+    """Stand-in for ComfyUI's core "Preview as Text" (comfy_extras/nodes_preview_any.py): any value -> ui text."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"source": ("*", {})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "main"
+    OUTPUT_NODE = True
+    CATEGORY = "utils"
+
+    def main(self, source: Any = None) -> dict:
+        return {"ui": {"text": (source if isinstance(source, str) else json.dumps(source),)}}
+
+
+CORE_NODES: dict[str, type] = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage,
+                               "PreviewAny": PreviewAny}
 
 
 def input_kind(spec: tuple) -> str:

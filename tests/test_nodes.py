@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import os
 import subprocess
 import sys
@@ -75,13 +76,76 @@ def test_seed_widget_has_generate_control():
     assert ce.extra_widget_values("seed", seed) == 1
 
 
-def test_sampler_defaults_are_the_papers():
-    req = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]
-    assert req["windows"][1]["default"] == 4
+def test_sampler_inputs_and_outputs():
+    """Saved workflows store widget values by position: the order of the inputs is part of the node's contract."""
+    sampler = CLASSES["RectifIDSampler"]
+    req = sampler.INPUT_TYPES()["required"]
+    assert list(req) == ["flow", "objective", "positive", "negative", "width", "height", "seed", "steps", "iterations",
+                         "guidance_scale", "cfg", "ck_mode", "solver", "memory", "batch_size"]
+    for name in ("width", "height", "steps", "guidance_scale", "cfg"):
+        assert req[name][1]["default"] == 0 and req[name][1]["min"] == 0, name  # 0 = auto
+        assert "0 = auto" in req[name][1]["tooltip"], name
     assert req["iterations"][1]["default"] == 20 and req["iterations"][1]["max"] >= 200
-    assert req["guidance_scale"][1]["default"] == 1.0
-    assert req["cfg"][1]["default"] == 3.0
-    assert {"anchored", "no_anchor", "noise_gd"} <= set(req["solver"][0])
+    assert {"anchored", "no_anchor", "noise_gd"} <= set(req["solver"][0]) and req["solver"][1]["default"] == "anchored"
+    assert sampler.RETURN_TYPES == ("IMAGE", "LATENT", "IMAGE", "STRING")
+    assert sampler.RETURN_NAMES == ("images", "latent", "history_plot", "report")
+
+
+def test_sampler_auto_tooltips_say_what_auto_resolves_to():
+    from types import SimpleNamespace
+
+    from rectifid_core.flows import euler, perflow
+    from rectifid_core.guidance import auto_guidance_scale
+
+    req = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]
+    tip = {name: req[name][1]["tooltip"] for name in ("width", "height", "cfg", "guidance_scale")}
+    for name in ("width", "height"):
+        for defaults, flows in ((perflow._SD15, "SD1.5 flows"), (perflow._SD21, "SD2.1"), (perflow._SDXL, "SDXL"),
+                                (euler._DEFAULTS, "SD1.5 flows")):
+            assert f"{getattr(defaults, name)} for {flows}" in tip[name]
+    for defaults, flows in ((perflow._SD15, "PeRFlow SD1.5"), (perflow._SD21, "PeRFlow SD2.1"),
+                            (perflow._SDXL, "PeRFlow SDXL"), (euler._DEFAULTS, "2-rectified flow and InstaFlow")):
+        assert f"{defaults.cfg_scale} for {flows}" in tip["cfg"]
+    obj, face = SimpleNamespace(kind="subject"), SimpleNamespace(kind="face")
+    assert f"{auto_guidance_scale(SimpleNamespace(subjects=[face, obj]))} when a subject is an object" in tip[
+        "guidance_scale"]
+    assert f"else {auto_guidance_scale(face)} (faces, CLIP" in tip["guidance_scale"]
+    assert auto_guidance_scale(SimpleNamespace(kind="clip")) == auto_guidance_scale(face)
+
+
+# a choice a tooltip names: "name = ..." / "name / ..." or a snake_case word; file names and paths are not choices
+NAMED_CHOICE = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)\s+(?:=|/)\s|(?<![\w./-])([a-z][a-z0-9]*_[a-z0-9_]+)(?![\w./-])")
+MATH_SYMBOL = re.compile(r"[a-z]+_[a-z0-9]")  # c_k, gamma_k
+STATED_DEFAULT = re.compile(r"\bdefault[: ]\s*'?([\w.]+)|'?([\w.]+)'? \(the default\)|\b([\w.]+) default\b")
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def test_tooltips_name_real_choices_and_true_defaults(node):
+    """A combo's tooltip names only choices that exist; a default a tooltip states is the input's real default."""
+    name, cls = node
+    for section in ("required", "optional"):
+        for inp, spec in cls.INPUT_TYPES().get(section, {}).items():
+            kind, opts = ce.input_kind(spec), ce.input_options(spec)
+            tooltip = opts.get("tooltip", "")
+            if kind == "COMBO":
+                for match in NAMED_CHOICE.finditer(tooltip):
+                    word = match.group(1) or match.group(2)
+                    assert word in spec[0] or MATH_SYMBOL.fullmatch(word), \
+                        f"{name}.{inp}: the tooltip names {word!r}, which is not one of {list(spec[0])}"
+            for match in STATED_DEFAULT.finditer(tooltip):
+                stated = next(g for g in match.groups() if g)
+                real = opts.get("default", spec[0][0] if kind == "COMBO" else None)
+                number = _as_number(stated)
+                if number is None and kind != "COMBO":
+                    continue  # "default" in prose about something else
+                same = number == real if number is not None and isinstance(real, (int, float)) else stated == real
+                assert same, f"{name}.{inp}: tooltip states default {stated!r}, the real default is {real!r}"
 
 
 def test_model_combos_list_folders(tmp_path, monkeypatch):
@@ -145,67 +209,3 @@ def test_pack_imports_without_insightface_and_onnxruntime(tmp_path):
     assert out["blocked_loaded"] == []
     assert out["error"].startswith("RuntimeError") and "onnxruntime" in out["error"]
     assert "pip install -r requirements.txt" in out["error"]
-
-
-def test_bridge_uses_comfyui_when_present(tmp_path, monkeypatch):
-    """With ComfyUI's modules importable, folders come from folder_paths (extra_model_paths.yaml included),
-    cancel from model_management, progress and previews from comfy.utils.ProgressBar (their real signatures)."""
-    import types
-
-    bridge = PACK.nodes.comfy_bridge
-    yaml_dir, models_dir = tmp_path / "shared" / "flows", tmp_path / "ComfyUI" / "models"
-    for folder in (yaml_dir / "perflow-a", models_dir / "diffusers" / "perflow-b"):
-        folder.mkdir(parents=True)
-        (folder / "model_index.json").write_text("{}")
-    fp = types.ModuleType("folder_paths")
-    fp.models_dir = str(models_dir)
-    fp.folder_names_and_paths = {"diffusers": ([str(yaml_dir)], {"folder"})}  # as extra_model_paths.yaml leaves it
-    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0][:]
-
-    class Interrupted(Exception):
-        pass
-
-    mm = types.ModuleType("comfy.model_management")
-    mm.flag = False
-    mm.get_torch_device = lambda: torch.device("cpu")
-
-    def throw():
-        if mm.flag:
-            mm.flag = False
-            raise Interrupted()
-    mm.throw_exception_if_processing_interrupted = throw
-    calls = []
-
-    class ProgressBar:
-        def __init__(self, total, node_id=None):
-            self.total = total
-
-        def update_absolute(self, value, total=None, preview=None):
-            calls.append((value, total, preview))
-
-    utils = types.ModuleType("comfy.utils")
-    utils.ProgressBar = ProgressBar
-    args = types.ModuleType("comfy.cli_args")
-    args.LatentPreviewMethod = types.SimpleNamespace(NoPreviews="none")
-    args.args = types.SimpleNamespace(preview_method="auto", preview_size=256)
-    comfy = types.ModuleType("comfy")
-    comfy.model_management, comfy.utils, comfy.cli_args = mm, utils, args
-    for name, module in (("folder_paths", fp), ("comfy", comfy), ("comfy.model_management", mm),
-                         ("comfy.utils", utils), ("comfy.cli_args", args)):
-        monkeypatch.setitem(sys.modules, name, module)
-
-    bridge.register_model_folders()
-    assert fp.folder_names_and_paths["diffusers"][0] == [str(yaml_dir), str(models_dir / "diffusers")]
-    assert fp.folder_names_and_paths["owlvit"][0] == [str(models_dir / "owlvit")]
-    assert bridge.list_models("diffusers") == ["perflow-a", "perflow-b"]
-    assert bridge.resolve_model("diffusers", "perflow-a") == str(yaml_dir / "perflow-a")
-    mm.flag = True
-    with pytest.raises(Interrupted):
-        bridge.check_interrupt()
-    bridge.check_interrupt()  # consumed
-    assert bridge.previews_enabled()
-    progress = bridge.Progress(5)
-    progress.update(3, preview="PIL")
-    assert calls == [(3, 5, ("JPEG", "PIL", 256))]
-    args.args.preview_method = "none"
-    assert not bridge.previews_enabled()

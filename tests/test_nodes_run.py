@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -69,47 +70,67 @@ def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(m
     subject, bundle, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice",
                                "largest", 0, 0.0)
     assert bundle.labels == ["alice"] and subject.kind == "face"
-    args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=11, windows=4, iterations=1,
+    args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=11, steps=0, iterations=1,
                 guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=2)
-    out = comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
-    images, latent, plot = out["result"]
+    images, latent, plot, report = comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
     assert images.shape == (2, 24, 16, 3) and latent["samples"].shape == (2, 4, 12, 8)
     expected = personalize(flow, bundle.objective, PersonalizeSettings(
-        prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_steps=4,
+        prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_steps=None,
         guidance=GuidanceConfig(scale=1.0, iterations=1)), labels=["alice"])
     torch.testing.assert_close(images, expected.images.permute(0, 2, 3, 1))
     with torch.no_grad():
         decoded = flow.decode(latent["samples"])  # LATENT carries what SD's VAE Decode expects
     torch.testing.assert_close(decoded.permute(0, 2, 3, 1), images, atol=1e-5, rtol=0)
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
-    text = out["ui"]["text"]
-    assert text[0].startswith("alice: similarity ") and text[-1].endswith("after 1 iteration")
+    lines = report.splitlines()
+    used = expected.settings
+    assert lines[0] == (f"settings: 16 x 24 px, {used.num_steps} (auto) steps, 1 iteration, guidance scale 1, CFG 1, "
+                        f"solver anchored, c_k per_window, memory store, seed 11, batch 2")
+    final = expected.final_similarities["alice"]
+    assert lines[1].startswith(f"alice: similarity {'not found in the output' if final is None else f'{final:.3f}'}")
+    assert [line for line in lines if line.startswith("warning: ")] == [f"warning: {w}" for w in expected.warnings]
     assert bridge.last_progress["value"] == 1 and bridge.last_progress["total"] == 1
     assert bridge.last_progress["preview"].size == (16, 24)
 
 
-class CountingObjective:
-    """Presses cancel (the bridge's fallback flag) while the sampler is in its `press_at`-th iteration."""
-
-    def __init__(self, press_at: int) -> None:
-        self.calls, self.press_at = 0, press_at
-
-    def __call__(self, image: torch.Tensor) -> ObjectiveOutput:
-        self.calls += 1
-        if self.calls == self.press_at:
-            bridge.request_interrupt()
-        return ObjectiveOutput(image.mean(dim=(1, 2, 3)))
-
-
-def test_sampler_stops_promptly_on_cancel(models):
+def test_cancel_ends_a_slow_iteration_within_one_model_call(models, monkeypatch):
+    """Cancel pressed (the bridge's fallback flag) while a model call runs: no further model call starts."""
     flow, _ = models
-    objective = CountingObjective(press_at=2)
-    args = dict(positive="a photo", negative="", width=16, height=16, seed=0, windows=4, iterations=50,
+    calls = []
+    step = flow.step
+
+    def pressing_cancel(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second window of the first iteration
+            bridge.request_interrupt()
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(flow, "step", pressing_cancel)
+    bundle = common.ObjectiveBundle(lambda image: ObjectiveOutput(image.mean(dim=(1, 2, 3))), ["x"])
+    args = dict(positive="a photo", negative="", width=16, height=16, seed=0, steps=0, iterations=50,
                 guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
     with pytest.raises(bridge.ProcessingInterrupted):
-        comfy(N["RectifIDSampler"]().sample, flow, common.ObjectiveBundle(objective, ["x"]), **args)
-    assert objective.calls == 2  # stopped right after the iteration in which cancel was pressed
+        comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
+    assert len(calls) == 2  # the iteration's remaining windows, decode and backward never ran
     bridge.check_interrupt()  # the flag was consumed, the next run is not cancelled
+
+
+def test_unsteered_subject_is_a_warning_in_the_report_and_the_log(models, caplog):
+    """A subject the objective never found is not a silent success: the report and ComfyUI's console say so."""
+    flow, _ = models
+
+    def never_found(image: torch.Tensor) -> ObjectiveOutput:
+        return ObjectiveOutput(0.0 * image.mean(dim=(1, 2, 3)), {"missing": [[0]] * image.shape[0]})
+
+    args = dict(positive="a photo", negative="", width=16, height=16, seed=0, steps=0, iterations=2,
+                guidance_scale=0.0, cfg=0.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
+    with caplog.at_level(logging.INFO, logger="RectifID"):
+        *_, report = comfy(N["RectifIDSampler"]().sample, flow, common.ObjectiveBundle(never_found, ["bob"]), **args)
+    warnings = [line for line in report.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2 and all("bob" in w for w in warnings)
+    assert "2 of 2 iterations" in warnings[0] and "final image" in warnings[1]
+    logged = [r.getMessage() for r in caplog.records if r.name == "RectifID" and r.levelno == logging.WARNING]
+    assert logged == [f"RectifID: {w}" for w in warnings]
 
 
 def test_detect_and_crop_policies(models):
@@ -174,8 +195,23 @@ def test_reference_errors_are_clear(models):
     with pytest.raises(ValueError, match="CLIP model"):
         comfy(N["RectifIDMatchSubjects"]().match, clip_subject, 1.0)
     with pytest.raises(TypeError, match="RectifID subject or 'Match Subjects'"):
-        comfy(N["RectifIDSampler"]().sample, models[0], "not an objective", "p", "", 16, 16, 0, 4, 1, 1.0, 1.0,
+        comfy(N["RectifIDSampler"]().sample, models[0], "not an objective", "p", "", 16, 16, 0, 0, 1, 1.0, 1.0,
               "per_window", "anchored", "store", 1)
+
+
+def test_messages_count_images_and_subjects_from_1(models):
+    """Whichever node a user meets the problem in, the second photo is "image 2" and the second subject "subject 2"."""
+    _, faces = models
+    with torch.inference_mode(False):
+        photos = torch.cat([tiny_faces.face_image((640, 640), ((10, 10, 1.0, 1.0),)), torch.zeros(1, 3, 640, 640)])
+    batch = as_comfy_image(photos)
+    with pytest.raises(ValueError, match=r"no face found in reference image 2\b"):
+        comfy(N["RectifIDSubject"]().build, faces, batch, "bob", "insightface", 0, 0.0)
+    with pytest.raises(ValueError, match=r"no face found in image 2 of 2\b"):
+        comfy(N["RectifIDDetectCrop"]().detect, faces, batch, "insightface", 0, "", 0.25, 64)
+    a, _, _ = comfy(N["RectifIDSubject"]().build, faces, batch[:1], "alice", "insightface", 0, 0.0)
+    with pytest.raises(TypeError, match=r"subject 2 must come from a 'Reference Subject' node"):
+        comfy(N["RectifIDMatchSubjects"]().match, a, 1.0, subject_2="not a subject", weight_2=1.0)
 
 
 def test_match_subjects_weights_and_labels(models):
