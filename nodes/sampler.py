@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo,
-                                    estimate_guidance_bytes, resolve_memory_mode)
+                                    estimate_guidance_bytes, memory_family, resolve_memory_mode)
 from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize, resolve_settings
 from rectifid_core.plots import plot_history
 
@@ -57,9 +57,8 @@ def memory_needed(flow: Any, settings: PersonalizeSettings, device: torch.device
     `settings` are resolved (no auto left), and its memory mode is store, checkpoint or lowest.
     """
     shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
-    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
     mode = settings.guidance.memory
-    estimate = estimate_guidance_bytes(shape, settings.num_steps, family, flow.dtype)
+    estimate = estimate_guidance_bytes(shape, settings.num_steps, memory_family(flow), flow.dtype)
     # lowest keeps less than checkpoint; the checkpoint estimate bounds it
     activations = estimate["store" if mode == "store" else "checkpoint"]
     return _bytes_off_device(flow, device) + int(ESTIMATE_MARGIN * activations)
@@ -176,7 +175,8 @@ class RectifIDSampler:
         if memory == "auto":  # ComfyUI's count of free VRAM includes what its caches can give back
             shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
             settings.guidance = dataclasses.replace(
-                settings.guidance, memory=resolve_memory_mode(memory, flow, shape, bridge.free_memory(flow.device)))
+                settings.guidance, memory=resolve_memory_mode(memory, flow, shape, bridge.free_memory(flow.device),
+                                                       settings.num_steps))
         settings.validate()
         bridge.free_vram_for_sampling(flow.device, memory_needed(flow, settings, flow.device))
         progress = bridge.Progress(max(1, int(iterations)))

@@ -61,8 +61,9 @@ class RectifIDDetectCrop:
         model = _check_discriminator(model)
         if model.kind == "clip":
             raise ValueError("a CLIP model compares whole images and cannot detect; connect a face or object model")
-        images = image_to_core(image)
-        masks = mask_to_core(mask) if mask is not None else None
+        images = image_to_core(image, "image")
+        # the mask matters only to selection 'mask'; one left connected for another selection is not checked
+        masks = mask_to_core(mask, "mask") if mask is not None and selection == "mask" else None
         if masks is not None and masks.shape[0] not in (1, images.shape[0]):
             raise ValueError(f"mask batch {masks.shape[0]} does not match the image batch {images.shape[0]}")
         kwargs = {"face_models": model.models["faces"]} if model.kind == "face" else {
@@ -130,10 +131,10 @@ class RectifIDSubject:
     def build(self, model: Discriminator, images: torch.Tensor, label: str, selection: str, index: int,
               l1_weight: float, more_images: torch.Tensor | None = None, region: torch.Tensor | None = None) -> tuple:
         model = _check_discriminator(model)
-        refs = list(image_to_core(images).split(1))
+        refs = list(image_to_core(images, "reference image").split(1))
         if more_images is not None:
-            refs += list(image_to_core(more_images).split(1))
-        area = mask_to_core(region)[0] if region is not None else None
+            refs += list(image_to_core(more_images, "extra reference image").split(1))
+        area = mask_to_core(region, "region")[0] if region is not None else None
         with autograd_enabled():
             objective = subject_objective(model, refs, label=label, selection=selection, index=index, region=area,
                                           l1_weight=l1_weight)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .devices import parse_device
-from .guidance import CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes
+from .guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes,
+                       memory_family)
 from .objectives.faces import FACE_SELECTIONS
 from .objectives.onnx_convert import UnsupportedOnnxOperator
 from .pipeline import (SUBJECT_KINDS, PersonalizeSettings, auto_dtype, load_clip_discriminator,
@@ -180,13 +181,12 @@ def check_image_size(width: int | None, height: int | None, factor: int) -> None
                              f"{factor}x{factor} pixel blocks); use {' or '.join(map(str, near))}")
 
 
-def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int) -> str | None:
+def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int, num_steps: int) -> str | None:
     """Why a generation of latent `shape` will not fit in `free_bytes`, or None when the estimate says it fits.
 
     Uses the leanest mode allowed by `memory` ("auto" may fall back to checkpointing).
     """
-    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
-    need = estimate_guidance_bytes(shape, flow.num_windows, family, flow.dtype)
+    need = estimate_guidance_bytes(shape, num_steps, memory_family(flow), flow.dtype)
     mode = "store" if memory == "store" else "checkpoint"
     if need[mode] <= free_bytes:
         return None
@@ -284,7 +284,8 @@ def run(args: argparse.Namespace) -> dict:
         height = native.height if args.height is None else args.height
         width = native.width if args.width is None else args.width
         free, _ = torch.cuda.mem_get_info(device)
-        refusal = memory_refusal(flow, flow.latent_shape(args.batch_size, height, width), args.memory, free)
+        steps = flow.num_steps if args.steps is None else args.steps
+        refusal = memory_refusal(flow, flow.latent_shape(args.batch_size, height, width), args.memory, free, steps)
         if refusal:
             raise UsageError(refusal)
 

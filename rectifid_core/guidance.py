@@ -131,9 +131,17 @@ def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps
     return "store" if need["store"] <= headroom * free_bytes else "checkpoint"
 
 
+def memory_family(flow: RectifiedFlow) -> str:
+    """Which fitted activation model (ACTIVATION_BYTES) describes this flow's architecture."""
+    return "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
+
+
 def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[int, ...],
-                        free_bytes: int | None = None) -> str:
-    """Resolve "auto" from the free memory given (e.g. ComfyUI's count) or CUDA's; off CUDA it means store."""
+                        free_bytes: int | None = None, num_steps: int | None = None) -> str:
+    """Resolve "auto" from the free memory given (e.g. ComfyUI's count) or CUDA's; off CUDA it means store.
+
+    `num_steps` is the number of guided steps the run will take (default: the flow's own).
+    """
     if memory != "auto":
         return memory
     device = torch.device(flow.device)
@@ -141,8 +149,8 @@ def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[in
         if device.type != "cuda":
             return "store"
         free_bytes, _ = torch.cuda.mem_get_info(device)
-    family = "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
-    return choose_memory_mode(free_bytes, latent_shape, flow.num_steps, family, flow.dtype)
+    steps = flow.num_steps if num_steps is None else num_steps
+    return choose_memory_mode(free_bytes, latent_shape, steps, memory_family(flow), flow.dtype)
 
 
 @dataclass

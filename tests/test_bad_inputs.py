@@ -84,10 +84,23 @@ def test_the_reference_node_names_a_0_255_image_instead_of_finding_no_face(tmp_p
 
     faces = load_face_discriminator(tiny_faces.build_antelopev2(tmp_path).parent.parent, provider="cpu")
     photo = tiny_faces.face_image((64, 64), ((2, 2, 1.0, 1.0),))[:1]
-    with pytest.raises(ValueError, match="image 1 of 1 has pixel values from .*divide it by 255"):
+    with pytest.raises(ValueError, match="reference image 1 of 1 has pixel values from .*divide it by 255"):
         RectifIDSubject().build(faces, comfy_image(photo * 255), "alice", "largest", 0, 0.0)
-    with pytest.raises(ValueError, match="mask 1 of 1 is all zero"):
+    with pytest.raises(ValueError, match="region 1 of 1 is all zero"):
         RectifIDSubject().build(faces, comfy_image(photo), "alice", "largest", 0, 0.0, region=torch.zeros(1, 64, 64))
+
+
+def test_detect_crop_checks_the_mask_only_where_it_is_used(tmp_path):
+    from nodes.subjects import RectifIDDetectCrop
+    from rectifid_core.pipeline import load_face_discriminator
+
+    faces = load_face_discriminator(tiny_faces.build_antelopev2(tmp_path).parent.parent, provider="cpu")
+    photo = comfy_image(tiny_faces.face_image())
+    blank = torch.zeros(1, 640, 640)  # LoadImage's mask of a photo without transparency
+    crops = RectifIDDetectCrop().detect(faces, photo, "largest", 0, "", 0.25, 64, mask=blank)[0]
+    assert crops.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="mask 1 of 1 is all zero"):
+        RectifIDDetectCrop().detect(faces, photo, "mask", 0, "", 0.25, 64, mask=blank)
 
 
 def test_phone_jpeg_is_loaded_upright(tmp_path, monkeypatch):
@@ -412,12 +425,14 @@ def test_cli_bugs_keep_their_traceback(monkeypatch):
 def test_memory_refusal_follows_the_estimate():
     flow = load_flow(tiny_diffusers.cached_folder("sd15"), dtype="fp32", device="cpu")
     shape = flow.latent_shape(2, 64, 48)
-    need = estimate_guidance_bytes(shape, flow.num_windows, "sd15", flow.dtype)
-    assert memory_refusal(flow, shape, "auto", need["checkpoint"]) is None
-    message = memory_refusal(flow, shape, "auto", need["checkpoint"] - 1)
+    steps = 2 * flow.num_windows  # sub-steps keep activations too: the estimate is per guided step
+    need = estimate_guidance_bytes(shape, steps, "sd15", flow.dtype)
+    assert need["store"] > estimate_guidance_bytes(shape, flow.num_windows, "sd15", flow.dtype)["store"]
+    assert memory_refusal(flow, shape, "auto", need["checkpoint"], steps) is None
+    message = memory_refusal(flow, shape, "auto", need["checkpoint"] - 1, steps)
     assert message and "48x64 with batch size 2" in message and "memory mode checkpoint" in message
-    assert "--memory checkpoint" in memory_refusal(flow, shape, "store", need["store"] - 1)
-    assert memory_refusal(flow, shape, "store", need["store"]) is None
+    assert "--memory checkpoint" in memory_refusal(flow, shape, "store", need["store"] - 1, steps)
+    assert memory_refusal(flow, shape, "store", need["store"], steps) is None
 
 
 def test_devices_this_machine_lacks_are_refused_by_cli_and_node():
