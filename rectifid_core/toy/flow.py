@@ -77,6 +77,13 @@ class DigitFlow(RectifiedFlow):
         v = cfg_velocity(self.net, z, t_s, cond.tensors["labels"], cond.tensors["negative"], cond.guidance_scale)
         return z + (t_e - t_s) * v
 
+    def prompt_direction(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
+        """step(z | class) - step(z | negative class), both without CFG: dt * (v_cond - v_uncond)."""
+        labels, negative = cond.tensors["labels"], cond.tensors["negative"]
+        with_prompt = Conditioning(cond.batch, 1.0, {"labels": labels, "negative": negative})
+        without = Conditioning(cond.batch, 1.0, {"labels": negative, "negative": negative})
+        return self.step(z, k, with_prompt) - self.step(z, k, without)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((z + 1.0) / 2.0).clamp(0, 1).repeat(1, 3, 1, 1)
 
