@@ -7,7 +7,7 @@ import torch
 
 from ..flows.base import Conditioning, RectifiedFlow
 from .data import NUM_CLASSES
-from .models import NULL_CLASS, VelocityNet, load_weights
+from .models import NULL_CLASS, VelocityNet
 
 _PROMPT = re.compile(r"^\s*(?:(?:a|an|the)\s+)?(?:digit\s+|number\s+)?([0-9])\s*$", re.IGNORECASE)
 
@@ -55,11 +55,6 @@ class DigitFlow(RectifiedFlow):
         self.num_windows = num_windows
         self.device = next(net.parameters()).device
         self.dtype = next(net.parameters()).dtype
-
-    @classmethod
-    def shipped(cls, name: str = "flow", num_windows: int = 4) -> "DigitFlow":
-        """The trained 2-rectified flow ('flow') or its 1-rectified teacher ('flow_1rf')."""
-        return cls(load_weights(name), num_windows)
 
     def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
         if len(negative_prompts) not in (0, len(prompts)):
