@@ -14,9 +14,11 @@ same rule with Phi the whole flow.
 Modes (paper Sec. 4.3; the authors released no code for the two ablations, so
 each states the reading implemented):
   anchored   the method above.
-  no_anchor  Eq. 8 as written: the flow is rolled out at the current state (the
-             velocity of the guided trajectory itself) and the gradient is the
-             one taken where the offset is applied, g_{k+1} = dL/dzhat_{k+1}
+  no_anchor  Eq. 8 as written: the velocity is the guided trajectory's own
+             (each window is rolled out from its current guided start; Eq. 8's
+             v(z_1, 1) at the end point is the same for a straight window), and
+             the gradient is the one taken where the offset is applied,
+             g_{k+1} = dL/dzhat_{k+1}
              (g_K = dL/dz_K for the last window), with no pull-back through the
              window's Jacobian and no c_k (c_k converts a window-start step into
              a window-end offset, which this step already is). The offsets
@@ -30,7 +32,7 @@ each states the reading implemented):
              anchored rule); the toy benchmark reports its gain and its realism
              cost over several subsets and seeds.
 
-Parallel rescaling (parallel_rescaling.py): `parallel_rescale` < 1 shrinks the part
+Parallel rescaling (parallel_rescaling.py): `parallel_rescale` != 1 rescales the part
 of each window's step that is parallel to the prompt's direction at that window
 (anchored, no_anchor and anchored_momentum); 1 is plain RectifID.
 

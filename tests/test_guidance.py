@@ -218,7 +218,8 @@ def test_k1_offsets_follow_the_closed_form(mode, pullback):
     e0 = a * noise - target
     assert float((2 * w * a * e0).flatten(1).norm(dim=1).max()) < 1, "the normalization must be inactive"
     rate = 1 - 2 * w * s * (a if pullback else 1.0)
-    torch.testing.assert_close(res.latent, target + rate ** n * e0, rtol=1e-6, atol=1e-6)  # offsets accumulate in float32
+    # the offsets accumulate in float32
+    torch.testing.assert_close(res.latent, target + rate ** n * e0, rtol=1e-6, atol=1e-6)
 
 
 def test_no_anchor_uses_the_unit_step_where_the_gradient_is_large():

@@ -82,7 +82,8 @@ class Curve:
 
 
 @torch.no_grad()
-def pair_scores(models: ToyModels, images: torch.Tensor, refs: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+def pair_scores(models: ToyModels, images: torch.Tensor, refs: torch.Tensor,
+                labels: torch.Tensor) -> list[torch.Tensor]:
     """identity (evaluator cosine), correct (evaluator class = prompt), realism (NN distance), guiding cosine."""
     m = evaluate(models.evaluator, images, refs, labels)
     guiding = F.cosine_similarity(models.feature(to_gray(images)), models.feature(to_gray(refs)))
@@ -249,7 +250,8 @@ def what_the_networks_see(models: ToyModels, plan: Plan) -> dict[str, dict[str, 
     same_class = torch.roll(refs.view(per, classes, 1, 8, 8), 1, dims=0).reshape_as(refs)  # class-interleaved
     other_class = torch.roll(refs, 1, dims=0)
     redrawn = augment(refs, torch.Generator().manual_seed(5), strength=0.5)
-    embed = {"evaluator": lambda x: models.evaluator(to_gray(x))[0], "feature (guides)": lambda x: models.feature(to_gray(x))}
+    embed = {"evaluator": lambda x: models.evaluator(to_gray(x))[0],
+             "feature (guides)": lambda x: models.feature(to_gray(x))}
     return {name: {what: float(F.cosine_similarity(f(x), f(refs)).mean())
                    for what, x in (("re-drawn copy", redrawn), ("another digit, same class", same_class),
                                    ("another class", other_class))}
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                               "shipped_default_scales": DEFAULT_SCALES}
     curves, conflict = {}, {}
     for flow_name in FLOWS:
-        report["flows"][flow_name], curves[flow_name], conflict[flow_name] = benchmark_flow(flow_name, plan, args.weights)
+        report["flows"][flow_name], curves[flow_name], conflict[flow_name] = benchmark_flow(
+            flow_name, plan, args.weights)
         print(f"{flow_name}: done in {report['flows'][flow_name]['seconds']:.0f}s", flush=True)
     models = load_models("flow", args.weights)
     report["lookups"] = lookups(models, plan)

@@ -60,7 +60,8 @@ def _beta_summary(flow: dict, budget: int, n: int) -> list[dict[str, Any]]:
         out.append({
             "beta": key[5:], "configs": len(per), "reached": len(reached),
             "first_n": (min(reached), median(reached), max(reached)) if reached else None,
-            "gain10": [p["identity_gain_N10"] for p in per], "gain_budget": [p[f"identity_gain_N{budget}"] for p in per],
+            "gain10": [p["identity_gain_N10"] for p in per],
+            "gain_budget": [p[f"identity_gain_N{budget}"] for p in per],
             "realism": [w["mean"] for w in worse],
             "realism_worse": sum(w["mean"] > 2 * w["sem"] for w in worse),
             "prompt_drop": max(r["anchored_prompt_acc"] - r[key][f"prompt_acc_N{n}"] for r in rows),
@@ -75,7 +76,8 @@ def _spread(values: list[float]) -> str:
 def _beta_table(summary: list[dict[str, Any]], budget: int, n: int) -> str:
     lines = [f"| beta | reached anchored's N={n} identity within N<={budget} | first N (min / median / max) | "
              f"identity gain vs anchored at N=10 | at N={budget} | realism increase at N={n} | configs with "
-             f"realism significantly worse | largest prompt acc drop vs anchored at N={n} |\n", "|---|---|---|---|---|---|---|---|\n"]
+             f"realism significantly worse | largest prompt acc drop vs anchored at N={n} |\n",
+             "|---|---|---|---|---|---|---|---|\n"]
     for b in summary:
         first = "-" if b["first_n"] is None else " / ".join(f"{v:g}" for v in b["first_n"])
         lines.append(f"| {b['beta']} | {b['reached']} of {b['configs']} | {first} | {_spread(b['gain10'])} | "
@@ -202,7 +204,8 @@ def benchmark_markdown(report: dict) -> str:
                      f" / {r['beta ' + b]['realism_increase_N' + str(plan['robust_iterations'])]['mean']:+.4f}"
                      for b in _betas(flow)]
             parts.append(f"| {r['subset']} | {r['seed']} | {r['unguided_identity']:.4f} | {r['anchored_identity']:.4f} "
-                         f"| {r['no_anchor_identity']:.4f} | {r['noise_gd_identity']:.4f} | " + " | ".join(cells) + " |\n")
+                         f"| {r['no_anchor_identity']:.4f} | {r['noise_gd_identity']:.4f} | "
+                         + " | ".join(cells) + " |\n")
         parts.append("\n### Momentum over all subsets and seeds\n\n" + _beta_table(
             _beta_summary(flow, plan["budget"], plan["robust_iterations"]), plan["budget"], plan["robust_iterations"]))
         parts.append("\n### Prompt conflict (reference of class c, prompt c+1 and c+5)\n\n"
@@ -224,6 +227,7 @@ def results_markdown(report: dict) -> str:
     n, rn, budget = plan["iterations"], plan["robust_iterations"], plan["budget"]
     main, one = report["flows"]["flow"], report["flows"]["flow_1rf"]
     configs = len(main["robustness"])
+    match = "match" if main["selected_scales"] == report["shipped_default_scales"] else "DO NOT match"
     text = [f"""# Toy benchmark: RectifID and its ablations on trained digits flows
 
 Everything in this file and in `benchmark.md` (every table), `benchmark.json`, `curves.png`,
@@ -262,7 +266,7 @@ Straightness and class accuracy of the two flows are printed by `toy.train` (its
 ## The four modes ({main['name']}, main test subset)
 
 Selected scales: {main['selected_scales']} (noise_gd: lr = 0.4 * s); the demo's and tests' defaults
-(`toy.task.DEFAULT_SCALES`) {"match" if main['selected_scales'] == report['shipped_default_scales'] else "DO NOT match"} them.
+(`toy.task.DEFAULT_SCALES`) {match} them.
 
 """, _main_table(main), f"""
 Per-iteration curves (identity and realism, both flows): `curves.png`; samples at N={n}: `samples.png`.
@@ -298,8 +302,8 @@ gradient of this objective is large for an 8x8 latent, so the validation picks a
 """)
     text.append(f"""## anchored_momentum over subsets and seeds
 
-{configs} configurations per flow ({len(plan['subsets'])} test subsets x {len(plan['seeds'])} noise seeds, {10 * plan['per_class']} pairs each),
-all at anchored's scale. "Reached" = identity >= anchored's N={rn} identity at some N <= {budget}
+{configs} configurations per flow ({len(plan['subsets'])} test subsets x {len(plan['seeds'])} noise seeds,
+{10 * plan['per_class']} pairs each), all at anchored's scale. "Reached" = identity >= anchored's N={rn} identity at some N <= {budget}
 with prompt accuracy no lower and realism no worse (paired, within two standard errors). Gains are
 identity differences against anchored at the same N, mean ± sd over configurations.
 
