@@ -59,11 +59,11 @@ def test_objective_is_100_one_minus_cosine(models):
 
 
 def test_networks_see_style_and_class(models):
-    """Both networks tell a re-drawn copy of a writer's digit from other writers' digits of that class."""
+    """Both networks tell a re-drawn copy of a digit from other held-out digits of its class."""
     split = load_split()
     refs, labels = pick_references(split, 3)
     redrawn = augment(refs, torch.Generator().manual_seed(5), strength=0.5)
-    others = torch.cat([refs[10:], refs[:10]])  # same classes, different writers
+    others = torch.cat([refs[10:], refs[:10]])  # same classes, other images
     assert evaluate(models.evaluator, refs, refs, labels)["correct"].mean() > 0.9
     for embed in (lambda x: models.evaluator(x)[0], models.feature):
         same = F.cosine_similarity(embed(redrawn), embed(refs)).mean()

@@ -87,7 +87,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch
 
 
 def train_feature(images: torch.Tensor, steps: int, seed: int, batch: int = 128) -> FeatureNet:
-    """Instance discrimination on clean training digits: features that tell one writer's digit from another."""
+    """Instance discrimination on clean training digits: features that tell one digit image from another."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureNet().train()
