@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{VALIDATION_SKIP}-{VALIDATION_SKIP + 1} of each class")
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    report: dict[str, Any] = {"plan": plan.__dict__, "weights": str(args.weights), "flows": {},
+    shipped = Path(args.weights).resolve() == WEIGHTS_DIR.resolve()
+    report: dict[str, Any] = {"plan": plan.__dict__, "weights": "shipped" if shipped else str(args.weights),
+                              "flows": {},
                               "shipped_default_scales": DEFAULT_SCALES}
     curves, conflict = {}, {}
     for flow_name in FLOWS:
