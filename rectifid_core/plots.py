@@ -87,9 +87,21 @@ def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str
 def line_chart(series: dict[str, Sequence[float | None]], title: str, size: tuple[int, int] = (560, 360),
                x_start: int = 1) -> Image.Image:
     """One chart with a line per series against its index (ticks labelled from `x_start`); None leaves a gap."""
-    image = Image.new("RGB", size, (255, 255, 255))
-    _panel(ImageDraw.Draw(image), (0, 0, size[0], size[1]), title, series, ImageFont.load_default(), x_start,
-           legend_width=160)
+    return chart_grid([(title, series)], 1, size, x_start)
+
+
+def chart_grid(panels: Sequence[tuple[str, dict[str, Sequence[float | None]]]], columns: int = 2,
+               panel_size: tuple[int, int] = (560, 360), x_start: int = 1) -> Image.Image:
+    """Several line charts (title, series) in one image, `columns` per row, each with its legend beside it."""
+    if not panels or columns < 1:
+        raise ValueError(f"need at least one panel and one column, got {len(panels)} panels, {columns} columns")
+    rows = math.ceil(len(panels) / columns)
+    w, h = panel_size
+    image = Image.new("RGB", (w * min(columns, len(panels)), h * rows), (255, 255, 255))
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for i, (title, series) in enumerate(panels):
+        x, y = (i % columns) * w, (i // columns) * h
+        _panel(draw, (x, y, x + w, y + h), title, series, font, x_start, legend_width=160)
     return image
 
 

@@ -4,39 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rectifid_core.flows.base import Conditioning, RectifiedFlow
 from rectifid_core.guidance import GuidanceConfig, GuidanceResult, guide
 from rectifid_core.solvers import MomentumUpdate
-
-
-class LinearFlow(RectifiedFlow):
-    """z -> a_k * z per window, decode = identity: every gradient is known in closed form."""
-
-    num_windows = 3
-    latent_channels = 3
-    vae_scale_factor = 1
-    device = torch.device("cpu")
-    dtype = torch.float64
-
-    def __init__(self, gains: tuple[float, ...] = (0.9, 1.1, 0.8)) -> None:
-        self.gains = gains
-
-    def encode(self, prompts, negative_prompts, guidance_scale):
-        return Conditioning(batch=len(prompts), guidance_scale=guidance_scale)
-
-    def step(self, z, k, cond):
-        return self.gains[k] * z
-
-    def decode(self, z):
-        return z
-
-    def window_gammas(self):
-        return None
-
-
-def quadratic(target: torch.Tensor, weight: float = 0.01):
-    """Weighted so that ||g|| < 1: the normalization is then inactive and r(x) is affine in x."""
-    return lambda image: weight * ((image - target) ** 2).flatten(1).sum(1)
+from linear_flow import LinearFlow, quadratic
 
 
 def _run(mode: str, target: torch.Tensor, noise: torch.Tensor, iterations: int, **kw) -> GuidanceResult:

@@ -25,6 +25,7 @@ from rectifid_core.guidance import (
     rollout,
 )
 from rectifid_core.objectives.base import ObjectiveOutput
+from linear_flow import LinearFlow, quadratic
 
 PERFLOW_SD15_GAMMAS = [0.958, 0.892, 0.767, 0.569]
 
@@ -78,13 +79,13 @@ def setup(batch: int = 2, **flow_kw):
 
 
 def hand_window_grads(flow, cond, x0, offsets, objective):
-    """g_k = dL/dz_k by explicit backward recursion g_k = J_k^T g_{k+1}, one window at a time."""
+    """g_k = dL/dz_k for k = 0..K by explicit backward recursion g_k = J_k^T g_{k+1}, one window at a time."""
     zs = [x0]
     for k in range(flow.num_windows):
         zs.append(flow.step(zs[-1], k, cond) + offsets[k])
     zk = zs[-1].detach().requires_grad_(True)
     (g,) = torch.autograd.grad(objective(flow.decode(zk)).loss.sum(), zk)
-    grads = [None] * flow.num_windows
+    grads = [None] * flow.num_windows + [g]
     for k in reversed(range(flow.num_windows)):
         _, g = torch.autograd.functional.vjp(lambda z, k=k: flow.step(z, k, cond), zs[k].detach(), g)
         grads[k] = g
@@ -92,7 +93,7 @@ def hand_window_grads(flow, cond, x0, offsets, objective):
 
 
 def hand_guide(flow, cond, noise, objective, mode, iterations, scale, ck, momentum=0.9, l2=1.0):
-    """The documented update rules, written out directly from DESIGN.md section 3."""
+    """The documented update rules, written out directly from guidance.py's docstring and DESIGN.md section 3."""
     K = flow.num_windows
     offsets = [torch.zeros_like(noise) for _ in range(K)]
     noise_offset = torch.zeros_like(noise)
@@ -103,13 +104,13 @@ def hand_guide(flow, cond, noise, objective, mode, iterations, scale, ck, moment
         for g in grads:
             norm = g.flatten(1).norm(dim=1).clamp(min=1.0).view(-1, 1, 1, 1)
             ghat.append(g / norm)
-        if mode == "anchored":
+        if mode == "anchored":  # window-start gradient, applied at the window end
             offsets = [offsets[k] - ck[k] * scale * ghat[k] for k in range(K)]
-        elif mode == "no_anchor":
-            offsets = [-ck[k] * scale * ghat[k] for k in range(K)]
-        else:
-            velocity = momentum * velocity + ghat[0] + l2 * noise_offset
-            noise_offset = noise_offset - scale * velocity
+        elif mode == "no_anchor":  # the gradient where the offset is applied, accumulated
+            offsets = [offsets[k] - scale * ghat[k + 1] for k in range(K)]
+        else:  # raw gradient, lr 0.4 * s, heavy ball, l2 toward the sampled noise
+            velocity = momentum * velocity + grads[0] + l2 * noise_offset
+            noise_offset = noise_offset - 0.4 * scale * velocity
     z = noise + noise_offset
     for k in range(K):
         z = flow.step(z, k, cond) + offsets[k]
@@ -162,7 +163,7 @@ def test_one_anchored_iteration_equals_hand_update(ck_mode, gammas):
     flow, cond, noise, objective = setup(gammas=gammas)
     ck = {"per_window": [math.sqrt(1 - g * g) for g in gammas or [0, 0, 0]],
           "legacy": [LEGACY_CK] * 3, "one": [1.0] * 3}[ck_mode]
-    grads, _ = hand_window_grads(flow, cond, noise, [torch.zeros_like(noise)] * 3, objective)
+    grads = hand_window_grads(flow, cond, noise, [torch.zeros_like(noise)] * 3, objective)[0][:3]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads])
     assert (norms[:, 0] < 1).all() and (norms[:, 1] > 1).all(), "both branches of max(|g|,1) must be exercised"
     scale = 0.7
@@ -194,6 +195,55 @@ def test_modes_differ_and_noise_gd_stays_on_the_flow():
     for k in reversed(range(flow.num_windows)):
         z = invert_step(flow, z, k)
     torch.testing.assert_close(unguided(flow, cond, z), out["noise_gd"], atol=1e-5, rtol=1e-5)
+
+
+def _k1_linear(mode: str, iterations: int, weight: float, **kw):
+    """K=1 flow z -> a z, decode = identity, L = w ||z_1 - t||^2: every ablation has a hand-checkable iterate."""
+    a, s = 1.7, 0.3
+    flow = LinearFlow(gains=(a,))
+    gen = torch.Generator().manual_seed(11)
+    noise = torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    target = 2.0 * torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    cfg = GuidanceConfig(scale=s, iterations=iterations, mode=mode, ck_mode="one", **kw)
+    res = guide(flow, flow.encode(["x", "y"], [], 1.0), quadratic(target, weight), noise, cfg)
+    return res, a, s, noise, target
+
+
+@pytest.mark.parametrize("mode,pullback", [("anchored", True), ("no_anchor", False)])
+def test_k1_offsets_follow_the_closed_form(mode, pullback):
+    """With ||g|| < 1 the error e_n = z_1 - t contracts by (1 - 2 w s a) anchored (the window-start gradient,
+    pulled back through a) and by (1 - 2 w s) without anchor (Eq. 8: the gradient at z_1 itself)."""
+    w, n = 0.004, 7
+    res, a, s, noise, target = _k1_linear(mode, n, w)
+    e0 = a * noise - target
+    assert float((2 * w * a * e0).flatten(1).norm(dim=1).max()) < 1, "the normalization must be inactive"
+    rate = 1 - 2 * w * s * (a if pullback else 1.0)
+    # the offsets accumulate in float32
+    torch.testing.assert_close(res.latent, target + rate ** n * e0, rtol=1e-6, atol=1e-6)
+
+
+def test_no_anchor_uses_the_unit_step_where_the_gradient_is_large():
+    """Normalized step at z_1: one iteration moves z_1 by exactly s along -(z_1 - t) when ||2 w e|| > 1."""
+    w = 1.0
+    res, a, s, noise, target = _k1_linear("no_anchor", 1, w)
+    e0 = a * noise - target
+    unit = e0 / e0.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(res.latent, a * noise - s * unit, rtol=1e-6, atol=1e-6)  # offsets accumulate in float32
+
+
+@pytest.mark.parametrize("l2_target", ["sampled_noise", "zero"])
+def test_noise_gd_is_sgd_with_momentum_on_the_raw_gradient(l2_target):
+    """torch.optim.SGD semantics written out by hand: v = mu v + (g + l2 pull), z -= 0.4 s v, g not normalized."""
+    w, n, mu, l2 = 1.0, 5, 0.9, 1.0
+    res, a, s, noise, target = _k1_linear("noise_gd", n, w, l2_target=l2_target)
+    z, v = noise.clone(), torch.zeros_like(noise)
+    for _ in range(n):
+        g = 2 * w * a * (a * z - target)  # dL/dz_0, raw
+        pull = z - noise if l2_target == "sampled_noise" else z
+        v = mu * v + g + l2 * pull
+        z = z - 0.4 * s * v
+    assert float((2 * w * a * (a * noise - target)).flatten(1).norm(dim=1).min()) > 1, "raw gradient must be > 1"
+    torch.testing.assert_close(res.latent, a * z, rtol=1e-6, atol=1e-6)
 
 
 def invert_step(flow: TanhFlow, y: torch.Tensor, k: int) -> torch.Tensor:
@@ -256,6 +306,9 @@ def test_callback_sees_each_iteration_and_can_cancel():
     (GuidanceConfig(scale=float("nan")), "guidance scale"),
     (GuidanceConfig(mode="noise_gd", momentum=1.0), "momentum must be in"),
     (GuidanceConfig(mode="anchored_momentum", offset_momentum=-0.1), "offset_momentum must be in"),
+    (GuidanceConfig(mode="noise_gd", l2_target="one"), "unknown l2 target"),
+    (GuidanceConfig(mode="noise_gd", parallel_rescale=0.0), "noise_gd has none"),
+    (GuidanceConfig(parallel_sign="negative"), "unknown parallel_sign"),
 ])
 def test_bad_config_is_rejected(config, match):
     flow, cond, noise, objective = setup()

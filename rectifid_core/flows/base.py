@@ -110,6 +110,15 @@ class RectifiedFlow(ABC):
         """Image size and CFG the reference scripts use for this flow; None when they name none."""
         return None
 
+    def prompt_direction(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
+        """Displacement the prompt adds over step k from z: step with the prompt minus step with the negative.
+
+        Both without CFG, so it is dt * (v_cond - v_uncond) for an Euler step; parallel
+        rescaling needs it. Backends that can run the two halves separately implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot split a step into its prompt and negative "
+                                  "halves, so parallel rescaling is not available for it")
+
     def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
         """Let the backend recompute activations inside its own modules; a no-op by default.
 

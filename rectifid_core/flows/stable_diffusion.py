@@ -158,6 +158,19 @@ class StableDiffusionFlow(RectifiedFlow):
             uncond, positive = (checkpoint(self._unet, z, timestep, e, p, use_reentrant=False) for e, p in halves)
         return cfg_combine(uncond, positive, cond.guidance_scale)
 
+    def prompt_direction(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
+        """step(z | prompt) - step(z | negative), each half run without CFG (the embeds hold [negative, prompt])."""
+        if cond.guidance_scale == 1.0:
+            raise ValueError("parallel rescaling needs the prompt direction v_cond - v_uncond, which is only "
+                             "encoded with classifier-free guidance: set cfg above 1")
+        b = cond.batch
+
+        def half(i: int) -> Conditioning:
+            tensors = {name: t[i * b:(i + 1) * b] for name, t in cond.tensors.items() if name in ("embeds", "pooled")}
+            return Conditioning(batch=b, guidance_scale=1.0, tensors=tensors)
+
+        return self.step(z, k, half(1)) - self.step(z, k, half(0))
+
     def _unet(self, z: torch.Tensor, timestep: float, embeds: torch.Tensor,
               pooled: torch.Tensor | None) -> torch.Tensor:
         x = z.to(self.dtype)

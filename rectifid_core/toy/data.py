@@ -24,7 +24,10 @@ class DigitSplit:
 
 
 def load_split() -> DigitSplit:
-    """Per-class 80/20 split with a fixed seed so every script sees the same held-out writers."""
+    """Per-class 80/20 split with a fixed seed so every script sees the same held-out digits.
+
+    sklearn's digits have no writer labels, so a writer may be on both sides of the split.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -51,7 +54,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 
     """Small affine jitter, a smooth elastic warp, stroke-weight gamma and pixel noise.
 
     Kept small on purpose: the features must stay sensitive to slant, stroke and
-    thickness (a writer's style), only robust to what a re-drawing would change.
+    thickness (the digit's style), only robust to what a re-drawing would change.
     """
     b = images.shape[0]
 

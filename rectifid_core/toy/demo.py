@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = args.out / "rectifid_toy_demo.png"
     image_grid(columns, [f"'{int(y)}'" for y in labels]).save(path)
     for name, (identity, acc) in scores.items():
-        print(f"{name:>10}: held-out identity {identity:.3f}, prompt accuracy {acc:.2f}")
+        print(f"{name:>17}: held-out identity {identity:.3f}, prompt accuracy {acc:.2f}")
     print(f"wrote {path} ({time.time() - t0:.1f}s)")
     return path
 

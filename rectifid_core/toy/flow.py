@@ -7,7 +7,7 @@ import torch
 
 from ..flows.base import Conditioning, RectifiedFlow
 from .data import NUM_CLASSES
-from .models import NULL_CLASS, VelocityNet, load_weights
+from .models import NULL_CLASS, VelocityNet
 
 _PROMPT = re.compile(r"^\s*(?:(?:a|an|the)\s+)?(?:digit\s+|number\s+)?([0-9])\s*$", re.IGNORECASE)
 
@@ -56,11 +56,6 @@ class DigitFlow(RectifiedFlow):
         self.device = next(net.parameters()).device
         self.dtype = next(net.parameters()).dtype
 
-    @classmethod
-    def shipped(cls, name: str = "flow", num_windows: int = 4) -> "DigitFlow":
-        """The trained 2-rectified flow ('flow') or its 1-rectified teacher ('flow_1rf')."""
-        return cls(load_weights(name), num_windows)
-
     def with_steps(self, num_steps: int) -> "DigitFlow":
         """The same network with `num_steps` Euler steps."""
         return self if num_steps == self.num_steps else DigitFlow(self.net, num_steps)
@@ -80,6 +75,13 @@ class DigitFlow(RectifiedFlow):
         t_e = 1.0 - (k + 1) / self.num_windows
         v = cfg_velocity(self.net, z, t_s, cond.tensors["labels"], cond.tensors["negative"], cond.guidance_scale)
         return z + (t_e - t_s) * v
+
+    def prompt_direction(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
+        """step(z | class) - step(z | negative class), both without CFG: dt * (v_cond - v_uncond)."""
+        labels, negative = cond.tensors["labels"], cond.tensors["negative"]
+        with_prompt = Conditioning(cond.batch, 1.0, {"labels": labels, "negative": negative})
+        without = Conditioning(cond.batch, 1.0, {"labels": negative, "negative": negative})
+        return self.step(z, k, with_prompt) - self.step(z, k, without)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return ((z + 1.0) / 2.0).clamp(0, 1).repeat(1, 3, 1, 1)

@@ -1,6 +1,9 @@
 """Train the toy flow (1-RF, then reflow to 2-RF), the guiding FeatureNet and the EvaluatorNet.
 
-    python -m rectifid_core.toy.train [--out DIR]
+    python -m rectifid_core.toy.train                    # writes out/toy-weights/
+    python -m rectifid_core.toy.train --update-shipped   # replaces rectifid_core/toy/weights/
+
+Evaluate retrained weights with `python -m rectifid_core.toy.benchmark --weights out/toy-weights`.
 
 Everything is seeded and sized for two CPU cores (a few minutes in all).
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import output_folder
 from .data import DigitSplit, augment, load_split, to_latent
 from .flow import euler_sample
 from .models import NULL_CLASS, WEIGHTS_DIR, EvaluatorNet, FeatureNet, VelocityNet, save_weights
@@ -21,6 +25,7 @@ LABEL_DROPOUT = 0.1
 REFLOW_PAIRS = 4096
 REFLOW_STEPS = 16
 REFLOW_CFG = 1.5
+DEFAULT_OUT = Path("out/toy-weights")
 
 
 def _adam(model: torch.nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -82,7 +87,7 @@ def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch
 
 
 def train_feature(images: torch.Tensor, steps: int, seed: int, batch: int = 128) -> FeatureNet:
-    """Instance discrimination on clean training digits: features that tell one writer's digit from another."""
+    """Instance discrimination on clean training digits: features that tell one digit image from another."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     net = FeatureNet().train()
@@ -138,12 +143,16 @@ def flow_report(name: str, net: VelocityNet, evaluator: EvaluatorNet, scale: flo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="folder for the .safetensors files")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"folder for the .safetensors files (default {DEFAULT_OUT})")
+    parser.add_argument("--update-shipped", action="store_true",
+                        help=f"write into the package's weights folder ({WEIGHTS_DIR}), replacing the shipped files")
     parser.add_argument("--flow-steps", type=int, default=1500)
     parser.add_argument("--feature-steps", type=int, default=500)
     parser.add_argument("--evaluator-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine may be shared)")
     args = parser.parse_args(argv)
+    args.out = output_folder(args.out, args.update_shipped, WEIGHTS_DIR, DEFAULT_OUT)
     torch.set_num_threads(args.threads)
     split: DigitSplit = load_split()
     x0 = to_latent(split.train_images)
