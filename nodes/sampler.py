@@ -134,9 +134,11 @@ class RectifIDSampler:
                            "the released code's constant 0.958; one = 1 (what Euler flows use anyway)."}),
             "solver": (list(SOLVER_MODES), {
                 "default": "anchored",
-                "tooltip": "anchored = RectifID. no_anchor / noise_gd = the paper's ablations. anchored_momentum "
-                           "solves the same problem as anchored with heavy-ball momentum on the offsets (promising "
-                           "on the toy benchmark, not yet measured on real models)."}),
+                "tooltip": "anchored = RectifID, the paper's method (use this). no_anchor (Eq. 8, no anchor) and "
+                           "noise_gd (gradient descent on the initial noise: lr 0.4 x guidance_scale, momentum 0.9, "
+                           "l2 1.0) are the paper's ablations, for comparison only. anchored_momentum: heavy-ball "
+                           "momentum (beta 0.5) on the same problem; more likeness at the same iterations on the toy "
+                           "benchmark, but worse realism in some runs, and not measured on real models."}),
             "memory": (list(MEMORY_MODES), {
                 "default": "auto",
                 "tooltip": "store keeps activations for the backward pass (fastest); checkpoint recomputes them "
