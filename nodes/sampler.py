@@ -135,7 +135,7 @@ class RectifIDSampler:
             "solver": (list(SOLVER_MODES), {
                 "default": "anchored",
                 "tooltip": "anchored = RectifID, the paper's method (use this). no_anchor (Eq. 8, no anchor) and "
-                           "noise_gd (gradient descent on the initial noise: lr 0.4 x guidance_scale, momentum 0.9, "
+                           "noise_gd (gradient descent on the initial noise: lr 0.4 x guidance scale, momentum 0.9, "
                            "l2 1.0) are the paper's ablations, for comparison only. anchored_momentum: heavy-ball "
                            "momentum (beta 0.5) on the same problem; more likeness at the same iterations on the toy "
                            "benchmark, but worse realism in some runs, and not measured on real models."}),
