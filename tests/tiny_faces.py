@@ -10,7 +10,17 @@ insightface's arcface_torch does (eval mode, dynamic batch).
 strides 8/16/32 with 2 anchors, each [cells*2, k]). Its outputs are simple
 functions of the image so tests know what it must find: on the stride-32
 grid, score = mean green of the cell (0..1) and the box/keypoint spread is
-(0.5 + 2 * mean red) strides; strides 8 and 16 report zero scores.
+(0.5 + 2 * mean red) strides; strides 8 and 16 report zero scores (their
+box and keypoint maps are the stride-32 ones upsampled by a nearest Resize
+whose sizes come from Shape/Slice/Concat, as mmdet's FPN exports them).
+
+`ScrfdShaped` / `build_scrfd_shaped_onnx`: SCRFD's architecture with random
+weights (ResNet-v1e stem and basic blocks with average-pool shortcuts, PAFPN
+with nearest upsampling, per-stride conv-BN-ReLU heads with Sigmoid scores,
+scaled box distances and keypoints, flattened by Transpose + a Reshape whose
+shape is computed from Shape/Gather/Unsqueeze/Concat), exported with
+torch.onnx with a dynamic input size. Tiny by default; `scrfd_10g_config()`
+gives SCRFD-10G's widths and depths for timing the real input size.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 STRIDES = (8, 16, 32)
 # Unit-box keypoint offsets (x, y pairs) of the synthetic detector: a face-like pattern.
@@ -138,7 +149,11 @@ def build_scrfd_onnx(path: Path) -> None:
         const(f"{name}_start", np.array([ch], dtype=np.int64))
         const(f"{name}_end", np.array([ch + 1], dtype=np.int64))
     const("axis1", np.array([1], dtype=np.int64))
-    for s in STRIDES:
+    const("nc_start", np.array([0], dtype=np.int64))
+    const("nc_end", np.array([2], dtype=np.int64))
+    const("hw_start", np.array([2], dtype=np.int64))
+    const("hw_end", np.array([4], dtype=np.int64))
+    for s in sorted(STRIDES, reverse=True):  # stride 32 first: the others upsample its red map
         nodes.append(helper.make_node("AveragePool", ["input.1"], [f"pool{s}"], kernel_shape=[s, s], strides=[s, s]))
         per_cell = {}
         for name in ("red", "green"):
@@ -152,12 +167,27 @@ def build_scrfd_onnx(path: Path) -> None:
             ]
             per_cell[name] = f"{name}{s}_col"
         score = f"score_{s}"
+        red = per_cell["red"]
         if s == 32:
             nodes.append(helper.make_node("Identity", [per_cell["green"]], [score]))
         else:
             nodes.append(helper.make_node("Mul", [per_cell["green"], "zero"], [score]))
+            # the red map of stride 32 upsampled to this stride's grid (sizes = [N, C] of it + [H, W] of this one)
+            red = f"red{s}_up_col"
+            nodes += [
+                helper.make_node("Shape", ["red32_01"], [f"shape32_{s}"]),
+                helper.make_node("Slice", [f"shape32_{s}", "nc_start", "nc_end"], [f"nc_{s}"]),
+                helper.make_node("Shape", [f"red{s}_01"], [f"shape{s}"]),
+                helper.make_node("Slice", [f"shape{s}", "hw_start", "hw_end"], [f"hw_{s}"]),
+                helper.make_node("Concat", [f"nc_{s}", f"hw_{s}"], [f"sizes_{s}"], axis=0),
+                helper.make_node("Resize", ["red32_01", "", "", f"sizes_{s}"], [f"red{s}_up"], mode="nearest",
+                                 coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                helper.make_node("Transpose", [f"red{s}_up"], [f"red{s}_up_t"], perm=[0, 2, 3, 1]),
+                helper.make_node("Concat", [f"red{s}_up_t", f"red{s}_up_t"], [f"red{s}_up_a"], axis=3),
+                helper.make_node("Reshape", [f"red{s}_up_a", "flat1"], [red]),
+            ]
         nodes += [
-            helper.make_node("Mul", [per_cell["red"], "two"], [f"r2_{s}"]),
+            helper.make_node("Mul", [red, "two"], [f"r2_{s}"]),
             helper.make_node("Add", [f"r2_{s}", "half"], [f"spread_{s}"]),
             helper.make_node("Mul", [f"spread_{s}", "ones4"], [f"bbox_{s}"]),
             helper.make_node("Mul", [f"spread_{s}", "kps_unit"], [f"kps_{s}"]),
@@ -177,6 +207,98 @@ def build_scrfd_onnx(path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     save(model, str(path))
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block; a strided or widening shortcut is AvgPool + 1x1 conv + BN (ResNet-v1d/e "avg_down")."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False), nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+def scrfd_10g_config() -> dict:
+    """SCRFD-10G's widths and depths (insightface's scrfd_10g_bnkps config: ResNet stages 3/4/2/3 of
+    56/88/88/224 channels, PAFPN of 56, three 80-channel conv-BN-ReLU layers per head)."""
+    return {"stem": (28, 28, 56), "widths": (56, 88, 88, 224), "blocks": (3, 4, 2, 3), "neck": 56, "feat": 80,
+            "stacked": 3}
+
+
+class ScrfdShaped(nn.Module):
+    """SCRFD's layers with random weights: [1,3,H,W] -> 9 outputs (scores [cells*2, 1], box
+    distances [cells*2, 4], keypoint distances [cells*2, 10] for strides 8, 16, 32)."""
+
+    def __init__(self, stem=(4, 4, 8), widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), neck=8, feat=8, stacked=1,
+                 anchors: int = 2) -> None:
+        super().__init__()
+        self.anchors = anchors
+        self.stem = nn.Sequential(_conv_bn_relu(3, stem[0], 2), _conv_bn_relu(stem[0], stem[1]),
+                                  _conv_bn_relu(stem[1], stem[2]), nn.MaxPool2d(3, 2, 1))
+        stages, cin = [], stem[2]
+        for i, (width, depth) in enumerate(zip(widths, blocks)):
+            stages.append(nn.Sequential(*(_BasicBlock(cin if j == 0 else width, width, 2 if i and j == 0 else 1)
+                                          for j in range(depth))))
+            cin = width
+        self.stages = nn.ModuleList(stages)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, neck, 1) for w in widths[1:])
+        self.fpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in STRIDES)
+        self.down = nn.ModuleList(nn.Conv2d(neck, neck, 3, 2, 1) for _ in STRIDES[1:])
+        self.pafpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in STRIDES[1:])
+        self.heads = nn.ModuleList(
+            nn.Sequential(*(_conv_bn_relu(neck if j == 0 else feat, feat) for j in range(stacked))) for _ in STRIDES)
+        self.cls = nn.ModuleList(nn.Conv2d(feat, anchors, 3, 1, 1) for _ in STRIDES)
+        self.reg = nn.ModuleList(nn.Conv2d(feat, 4 * anchors, 3, 1, 1) for _ in STRIDES)
+        self.kps = nn.ModuleList(nn.Conv2d(feat, 10 * anchors, 3, 1, 1) for _ in STRIDES)
+        self.scales = nn.Parameter(torch.tensor([1.0, 0.9, 1.1]))
+
+    @staticmethod
+    def _flat(t: torch.Tensor, k: int) -> torch.Tensor:
+        # mmdet's reshape(batch, -1, k) (shape from the tensor: Shape/Gather/Unsqueeze/Concat), batch 1 dropped
+        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, k)[0]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i:
+                feats.append(x)
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
+        inter = [conv(t) for conv, t in zip(self.fpn, lat)]
+        for i in range(len(inter) - 1):
+            inter[i + 1] = inter[i + 1] + self.down[i](inter[i])
+        outs = [inter[0]] + [conv(t) for conv, t in zip(self.pafpn, inter[1:])]
+        scores, boxes, kps = [], [], []
+        for i, t in enumerate(outs):
+            h = self.heads[i](t)
+            scores.append(self._flat(self.cls[i](h).sigmoid(), 1))
+            boxes.append(self._flat(self.reg[i](h) * self.scales[i], 4))
+            kps.append(self._flat(self.kps[i](h), 10))
+        return (*scores, *boxes, *kps)
+
+
+def build_scrfd_shaped_onnx(path: Path, seed: int = 0, **config) -> ScrfdShaped:
+    """Export a random-weight ScrfdShaped (`config`: its widths) to `path` with a dynamic input size."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(ScrfdShaped(**config), seed).eval()
+    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES]
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), input_names=["input.1"], output_names=names,
+                      dynamic_axes={"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in names}},
+                      opset_version=11, dynamo=False, do_constant_folding=False)  # keeps the BatchNormalization nodes
+    return model
 
 
 def build_antelopev2(root: Path, layout: str = "models", mxnet_style: bool = False) -> Path:
