@@ -14,13 +14,9 @@ grid, score = mean green of the cell (0..1) and the box/keypoint spread is
 box and keypoint maps are the stride-32 ones upsampled by a nearest Resize
 whose sizes come from Shape/Slice/Concat, as mmdet's FPN exports them).
 
-`ScrfdShaped` / `build_scrfd_shaped_onnx`: SCRFD's architecture with random
-weights (ResNet-v1e stem and basic blocks with average-pool shortcuts, PAFPN
-with nearest upsampling, per-stride conv-BN-ReLU heads with Sigmoid scores,
-scaled box distances and keypoints, flattened by Transpose + a Reshape whose
-shape is computed from Shape/Gather/Unsqueeze/Concat), exported with
-torch.onnx with a dynamic input size. Tiny by default; `scrfd_10g_config()`
-gives SCRFD-10G's widths and depths for timing the real input size.
+`build_scrfd_shaped_onnx`: the benchmark's SCRFD-shaped network
+(rectifid_core/benchmark/detector.py: SCRFD's layers and export pattern with
+random weights), tiny, with non-trivial batch-norm statistics.
 """
 from __future__ import annotations
 
@@ -29,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from rectifid_core.benchmark.detector import ScrfdShaped, export_scrfd_onnx
 
 STRIDES = (8, 16, 32)
 # Unit-box keypoint offsets (x, y pairs) of the synthetic detector: a face-like pattern.
@@ -209,95 +206,11 @@ def build_scrfd_onnx(path: Path) -> None:
     save(model, str(path))
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class _BasicBlock(nn.Module):
-    """ResNet basic block; a strided or widening shortcut is AvgPool + 1x1 conv + BN (ResNet-v1d/e "avg_down")."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(_conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(cout))
-        self.short = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
-            nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False), nn.Conv2d(cin, cout, 1, bias=False),
-            nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.short(x))
-
-
-def scrfd_10g_config() -> dict:
-    """SCRFD-10G's widths and depths (insightface's scrfd_10g_bnkps config: ResNet stages 3/4/2/3 of
-    56/88/88/224 channels, PAFPN of 56, three 80-channel conv-BN-ReLU layers per head)."""
-    return {"stem": (28, 28, 56), "widths": (56, 88, 88, 224), "blocks": (3, 4, 2, 3), "neck": 56, "feat": 80,
-            "stacked": 3}
-
-
-class ScrfdShaped(nn.Module):
-    """SCRFD's layers with random weights: [1,3,H,W] -> 9 outputs (scores [cells*2, 1], box
-    distances [cells*2, 4], keypoint distances [cells*2, 10] for strides 8, 16, 32)."""
-
-    def __init__(self, stem=(4, 4, 8), widths=(8, 8, 16, 16), blocks=(1, 1, 1, 1), neck=8, feat=8, stacked=1,
-                 anchors: int = 2) -> None:
-        super().__init__()
-        self.anchors = anchors
-        self.stem = nn.Sequential(_conv_bn_relu(3, stem[0], 2), _conv_bn_relu(stem[0], stem[1]),
-                                  _conv_bn_relu(stem[1], stem[2]), nn.MaxPool2d(3, 2, 1))
-        stages, cin = [], stem[2]
-        for i, (width, depth) in enumerate(zip(widths, blocks)):
-            stages.append(nn.Sequential(*(_BasicBlock(cin if j == 0 else width, width, 2 if i and j == 0 else 1)
-                                          for j in range(depth))))
-            cin = width
-        self.stages = nn.ModuleList(stages)
-        self.lateral = nn.ModuleList(nn.Conv2d(w, neck, 1) for w in widths[1:])
-        self.fpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in STRIDES)
-        self.down = nn.ModuleList(nn.Conv2d(neck, neck, 3, 2, 1) for _ in STRIDES[1:])
-        self.pafpn = nn.ModuleList(nn.Conv2d(neck, neck, 3, 1, 1) for _ in STRIDES[1:])
-        self.heads = nn.ModuleList(
-            nn.Sequential(*(_conv_bn_relu(neck if j == 0 else feat, feat) for j in range(stacked))) for _ in STRIDES)
-        self.cls = nn.ModuleList(nn.Conv2d(feat, anchors, 3, 1, 1) for _ in STRIDES)
-        self.reg = nn.ModuleList(nn.Conv2d(feat, 4 * anchors, 3, 1, 1) for _ in STRIDES)
-        self.kps = nn.ModuleList(nn.Conv2d(feat, 10 * anchors, 3, 1, 1) for _ in STRIDES)
-        self.scales = nn.Parameter(torch.tensor([1.0, 0.9, 1.1]))
-
-    @staticmethod
-    def _flat(t: torch.Tensor, k: int) -> torch.Tensor:
-        # mmdet's reshape(batch, -1, k) (shape from the tensor: Shape/Gather/Unsqueeze/Concat), batch 1 dropped
-        return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1, k)[0]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = self.stem(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i:
-                feats.append(x)
-        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
-        for i in range(len(lat) - 1, 0, -1):
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="nearest")
-        inter = [conv(t) for conv, t in zip(self.fpn, lat)]
-        for i in range(len(inter) - 1):
-            inter[i + 1] = inter[i + 1] + self.down[i](inter[i])
-        outs = [inter[0]] + [conv(t) for conv, t in zip(self.pafpn, inter[1:])]
-        scores, boxes, kps = [], [], []
-        for i, t in enumerate(outs):
-            h = self.heads[i](t)
-            scores.append(self._flat(self.cls[i](h).sigmoid(), 1))
-            boxes.append(self._flat(self.reg[i](h) * self.scales[i], 4))
-            kps.append(self._flat(self.kps[i](h), 10))
-        return (*scores, *boxes, *kps)
-
-
-def build_scrfd_shaped_onnx(path: Path, seed: int = 0, **config) -> ScrfdShaped:
+def build_scrfd_shaped_onnx(path: Path, seed: int = 0, **config) -> nn.Module:
     """Export a random-weight ScrfdShaped (`config`: its widths) to `path` with a dynamic input size."""
     torch.manual_seed(seed)
     model = randomize_batchnorm(ScrfdShaped(**config), seed).eval()
-    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in STRIDES]
-    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), input_names=["input.1"], output_names=names,
-                      dynamic_axes={"input.1": {2: "height", 3: "width"}, **{n: {0: "anchors"} for n in names}},
-                      opset_version=11, dynamo=False, do_constant_folding=False)  # keeps the BatchNormalization nodes
+    export_scrfd_onnx(model, path)
     return model
 
 
