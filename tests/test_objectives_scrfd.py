@@ -13,13 +13,6 @@ from rectifid_core.objectives import FaceIdentityObjective, load_face_models, re
 
 
 @pytest.fixture(scope="module")
-def pack_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insightface")
-    tiny_faces.build_antelopev2(root, "models")
-    return root
-
-
-@pytest.fixture(scope="module")
 def both(pack_root):
     return {b: load_face_models(pack_root, provider="cpu", detector_backend=b) for b in ("onnxruntime", "torch")}
 
