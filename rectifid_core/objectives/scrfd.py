@@ -24,7 +24,7 @@ from .detections import Detections, nms
 # which is faster on the CPU (rectifid_core/benchmark/detector.py).
 DETECTOR_BACKENDS = ("auto", "torch", "onnxruntime")
 ImageInput = Union[np.ndarray, torch.Tensor]
-Network = Callable[[torch.Tensor], Sequence[Union[torch.Tensor, np.ndarray]]]
+Network = Callable[[torch.Tensor], Sequence[torch.Tensor]]  # letterboxed input -> raw outputs, as tensors
 
 
 def resolve_detector_backend(choice: str, device: Union[str, torch.device], onnxruntime_installed: bool = True) -> str:
@@ -144,7 +144,7 @@ class ScrfdDetector:
     def raw_outputs(self, image: ImageInput) -> tuple[list[torch.Tensor], float]:
         """The network's outputs for an image (on `device`) and the letterbox scale."""
         blob, scale = letterbox(self._pixels(image), self.input_hw)
-        return [torch.as_tensor(o) for o in self.network(blob)], scale
+        return list(self.network(blob)), scale
 
     def detect(self, image: ImageInput, threshold: float = 0.5) -> Detections:
         """Faces with score >= threshold, in the image's pixels, best score first."""
