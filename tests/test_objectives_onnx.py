@@ -224,3 +224,13 @@ def test_resize_modes_torch_cannot_match_are_refused():
                    [numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "s")])
     with pytest.raises(UnsupportedOnnxOperator, match="Resize nearest with coordinate_transformation_mode='half_pixel'"):
         OnnxGraphModule(model)(torch.zeros(1, 1, 4, 4))
+
+
+def test_converted_scrfd_runs_off_the_host_with_shape_constants_on_it(scrfd_shaped):
+    """The meta device stands in for a GPU: every tensor op must run there, the shape bookkeeping
+    (integer constants, Shape outputs) stays on the host so reading it never waits for the device."""
+    net = onnx_to_torch(scrfd_shaped[0]).to("meta")
+    assert net._host_constants and all(t.device.type == "cpu" for t in net._host_constants.values())
+    assert all(b.device.type == "meta" and b.is_floating_point() for b in net.buffers())
+    out = net(torch.zeros(1, 3, 64, 96, device="meta"))
+    assert all(o.device.type == "meta" for o in out) and out[0].shape == (8 * 12 * 2, 1)

@@ -288,6 +288,7 @@ class OnnxGraphModule(nn.Module):
                 + f"; supported: {', '.join(SUPPORTED_OPERATORS)}"
             )
         self._names: dict[str, str] = {}
+        self._host_constants: dict[str, torch.Tensor] = {}
         for init in graph.initializer:
             self._add_constant(init.name, _to_tensor(numpy_helper.to_array(init)))
         self._nodes: list[tuple[str, str, list[str], list[str], dict[str, Any]]] = []
@@ -299,10 +300,16 @@ class OnnxGraphModule(nn.Module):
                 self._add_constant(node.output[0], attrs["value"].clone())
                 continue
             self._nodes.append((node.op_type, node.name or f"#{i}", list(node.input), list(node.output), attrs))
-        self.input_names = [i.name for i in graph.input if i.name not in self._names]
+        constants = self._names.keys() | self._host_constants.keys()
+        self.input_names = [i.name for i in graph.input if i.name not in constants]
         self.output_names = [o.name for o in graph.output]
 
     def _add_constant(self, name: str, value: torch.Tensor) -> None:
+        if not value.is_floating_point():
+            # integer constants are shape bookkeeping (Reshape shapes, Slice bounds, Gather indices), read on
+            # the host like Shape's outputs: kept off the module's device, reading them never waits for a GPU
+            self._host_constants[name] = value
+            return
         key = f"c{len(self._names)}"
         self._names[name] = key
         self.register_buffer(key, value, persistent=True)
@@ -311,6 +318,7 @@ class OnnxGraphModule(nn.Module):
         if len(inputs) != len(self.input_names):
             raise ValueError(f"graph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         env: dict[str, Any] = {name: getattr(self, key) for name, key in self._names.items()}
+        env.update(self._host_constants)
         env.update(zip(self.input_names, inputs))
         for op, name, ins, outs, attrs in self._nodes:
             args = [env[i] if i else None for i in ins]
