@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--flow-type", default="auto", help="auto, perflow or euler_velocity (default auto)")
     m.add_argument("--prediction-type", default="auto", help="PeRFlow prediction type (default auto)")
     m.add_argument("--faces", type=Path, help="insightface folder holding antelopev2 (face subjects)")
-    m.add_argument("--provider", default="auto", help="onnxruntime provider for the face detector (default auto)")
+    m.add_argument("--provider", default="auto",
+                   help="onnxruntime provider for the face detector when it runs in onnxruntime (default auto)")
     m.add_argument("--detector", default="auto", choices=DETECTOR_BACKENDS,
                    help="where the face detector runs: torch (on --device) or onnxruntime (on --provider); "
                         "auto = torch on CUDA, else onnxruntime")

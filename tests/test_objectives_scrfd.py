@@ -1,6 +1,7 @@
 """SCRFD backends: the detector converted to torch finds what onnxruntime finds, and the rule that picks one."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -99,3 +100,13 @@ def test_auto_on_cuda_keeps_the_image_on_the_gpu(pack_root):
     assert all(o.is_cuda for o in outputs)
     ort = load_face_models(pack_root, provider="cpu", detector_backend="onnxruntime").detector.detect(img[0], 0.5)
     _assert_same_detections(models.detector.detect(img[0].cuda(), 0.5), ort, atol=1e-3)
+
+
+def test_detector_benchmark_times_both_backends(tmp_path):
+    from rectifid_core.benchmark.detector import main
+
+    out = tmp_path / "rows.json"
+    rows = main(["--preset", "tiny", "--image", "96", "--size", "128", "--repeats", "1", "--threads", "0",
+                 "--json", str(out)])  # threads 0: the test process's thread count is left alone
+    assert json.loads(out.read_text()) == rows and len(rows) == 1
+    assert set(rows[0]["seconds"]) == {"onnxruntime", "torch"} and min(rows[0]["seconds"].values()) > 0
