@@ -222,7 +222,8 @@ def test_resize_modes_torch_cannot_match_are_refused():
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                    [numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "s")])
-    with pytest.raises(UnsupportedOnnxOperator, match="Resize nearest with coordinate_transformation_mode='half_pixel'"):
+    refused = "Resize nearest with coordinate_transformation_mode='half_pixel'"
+    with pytest.raises(UnsupportedOnnxOperator, match=refused):
         OnnxGraphModule(model)(torch.zeros(1, 1, 4, 4))
 
 

@@ -44,8 +44,8 @@ def detect_faces(
     floor: Optional[float] = 0.1,
     region: Optional[Region] = None,
 ) -> Detections:
-    """Detect in an RGB uint8 image [H,W,3] (or a [3,H,W] tensor in 0..1) at `threshold`, lowering it by `step` until at least
-    `min_count` faces (at least half inside `region`, if given) are found.
+    """Detect in an RGB uint8 image [H,W,3] (or a [3,H,W] tensor in 0..1) at `threshold`, lowering
+    it by `step` until at least `min_count` faces (at least half inside `region`, if given) are found.
 
     floor=None is the reference code's loop: no floor; it ends after the first threshold <= 0,
     where every anchor passes. Otherwise it stops before going below `floor`. Returns the last

@@ -183,7 +183,8 @@ def _interpolate(x, mode: str, transform: str, nearest_mode: str, scales=None, s
         return F.interpolate(x, mode="nearest", **kwargs)
     if mode == "linear" and x.ndim == 4:
         if transform not in ("align_corners", "half_pixel", "pytorch_half_pixel"):
-            raise UnsupportedOnnxOperator(f"Resize linear with coordinate_transformation_mode={transform!r} is not supported")
+            raise UnsupportedOnnxOperator(
+                f"Resize linear with coordinate_transformation_mode={transform!r} is not supported")
         return F.interpolate(x, mode="bilinear", align_corners=transform == "align_corners", **kwargs)
     raise UnsupportedOnnxOperator(f"Resize mode {mode!r} on a {x.ndim}-d tensor is not supported")
 
