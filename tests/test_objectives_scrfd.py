@@ -10,7 +10,8 @@ import torch
 
 import tiny_faces
 from rectifid_core.images import to_uint8_hwc
-from rectifid_core.objectives import FaceIdentityObjective, load_face_models, resolve_detector_backend
+from rectifid_core.objectives import (FaceIdentityObjective, UnsupportedOnnxOperator, load_face_models,
+                                      resolve_detector_backend)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,21 @@ def test_detector_benchmark_times_both_backends(tmp_path):
                  "--json", str(out)])  # threads 0: the test process's thread count is left alone
     assert json.loads(out.read_text()) == rows and len(rows) == 1
     assert set(rows[0]["seconds"]) == {"onnxruntime", "torch"} and min(rows[0]["seconds"].values()) > 0
+
+
+def test_detector_torch_cannot_convert_is_named_and_auto_falls_back_to_onnxruntime(tmp_path, pack_root, monkeypatch):
+    from onnx import load, save
+
+    from rectifid_core.objectives import face_models
+
+    folder = tmp_path / "antelopev2"
+    shutil.copytree(pack_root / "models" / "antelopev2", folder)
+    proto = load(str(folder / "scrfd_10g_bnkps.onnx"))
+    next(n for n in proto.graph.node if n.op_type == "Identity").op_type = "Softplus"  # stride-32 scores
+    save(proto, str(folder / "scrfd_10g_bnkps.onnx"))
+    with pytest.raises(UnsupportedOnnxOperator, match=r"scrfd_10g_bnkps.onnx cannot run in torch: .*Softplus.*'onnxruntime'"):
+        load_face_models(tmp_path, provider="cpu", detector_backend="torch")
+    monkeypatch.setattr(face_models, "resolve_detector_backend", lambda *a, **k: "torch")  # what auto picks on CUDA
+    with pytest.warns(RuntimeWarning, match="runs in onnxruntime instead"):
+        models = load_face_models(tmp_path, provider="cpu")
+    assert models.detector.backend == "onnxruntime" and models.providers == ["CPUExecutionProvider"]

@@ -192,7 +192,7 @@ def load_face_models(
                           "(NVIDIA) or onnxruntime (CPU), or choose the detector backend 'torch'")
 
     from ..model_files import check_onnx_file
-    from .onnx_convert import onnx_to_torch
+    from .onnx_convert import UnsupportedOnnxOperator, onnx_to_torch
 
     detector_file, recognizer_file = folder / DETECTOR_FILE, folder / RECOGNIZER_FILE
     detector_proto = check_onnx_file(detector_file)  # a damaged file must not be blamed on the GPU provider below
@@ -200,7 +200,16 @@ def load_face_models(
     proto = check_onnx_file(recognizer_file)
     load_external_data_for_model(proto, str(folder))
     if backend == "torch":
-        detector = ScrfdDetector.from_torch(detector_proto, device, input_size=detector_size)
+        try:
+            detector = ScrfdDetector.from_torch(detector_proto, device, input_size=detector_size)
+        except UnsupportedOnnxOperator as exc:
+            if detector_backend != "auto" or onnxruntime is None:
+                raise UnsupportedOnnxOperator(f"the face detector {detector_file} cannot run in torch: {exc}. "
+                                              "Choose the detector backend 'onnxruntime'") from exc
+            _warn(f"the face detector {detector_file} cannot run in torch ({exc}); it runs in onnxruntime instead, "
+                  "and the generated image goes to the host for it each iteration")
+            backend = "onnxruntime"
+    if backend == "torch":
         providers: list[str] = []
     else:
         session = _detector_session(onnxruntime, detector_file, resolve_providers(provider))
