@@ -8,6 +8,7 @@ import torch
 from rectifid_core.devices import parse_device
 from rectifid_core.flows import FLOW_TYPES, PREDICTION_TYPES, load_flow
 from rectifid_core.objectives.face_models import PACK_NAME, PROVIDER_CHOICES
+from rectifid_core.objectives.scrfd import DETECTOR_BACKENDS
 from rectifid_core.pipeline import (auto_dtype, load_clip_discriminator, load_face_discriminator,
                                     load_object_discriminator)
 
@@ -91,9 +92,15 @@ class RectifIDFaceModelLoader:
                            "judges identity."}),
             "provider": (list(PROVIDER_CHOICES), {
                 "default": "auto",
-                "tooltip": "onnxruntime execution provider for the face detector. auto = the first GPU provider "
-                           "onnxruntime offers, else CPU. ArcFace runs in torch on 'device'."}),
+                "tooltip": "onnxruntime execution provider for the face detector when it runs in onnxruntime "
+                           "(see 'detector'). auto = the first GPU provider onnxruntime offers, else CPU. ArcFace "
+                           "runs in torch on 'device'."}),
             "device": _device_input(),
+            "detector": (list(DETECTOR_BACKENDS), {
+                "default": "auto",
+                "tooltip": "Where the face detector (SCRFD) runs. torch: converted to torch on 'device', so the "
+                           "generated image never leaves the GPU during guidance. onnxruntime: on 'provider' (faster "
+                           "on the CPU). auto = torch when 'device' is CUDA, else onnxruntime."}),
         }}
 
     RETURN_TYPES = (DISCRIMINATOR,)
@@ -103,11 +110,11 @@ class RectifIDFaceModelLoader:
     CATEGORY = f"{CATEGORY}/loaders"
     DESCRIPTION = "Loads the antelopev2 face detector (SCRFD) and face recognizer (ArcFace) for face identity."
 
-    def load(self, model_pack: str, provider: str, device: str) -> tuple:
+    def load(self, model_pack: str, provider: str, device: str, detector: str = "auto") -> tuple:
         path = bridge.resolve_model("insightface", model_pack)
         dev = resolve_device(device)
         with autograd_enabled():
-            return (load_face_discriminator(path, provider=provider, device=dev),)
+            return (load_face_discriminator(path, provider=provider, device=dev, detector_backend=detector),)
 
 
 class RectifIDObjectModelLoader:

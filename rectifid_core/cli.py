@@ -30,6 +30,7 @@ from .guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, Ite
                        memory_family)
 from .objectives.faces import FACE_SELECTIONS
 from .objectives.onnx_convert import UnsupportedOnnxOperator
+from .objectives.scrfd import DETECTOR_BACKENDS
 from .pipeline import (SUBJECT_KINDS, PersonalizeSettings, auto_dtype, load_clip_discriminator,
                        load_face_discriminator, load_object_discriminator, multi_subject_objective, personalize,
                        subject_objective, unique_labels)
@@ -88,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--flow-type", default="auto", help="auto, perflow or euler_velocity (default auto)")
     m.add_argument("--prediction-type", default="auto", help="PeRFlow prediction type (default auto)")
     m.add_argument("--faces", type=Path, help="insightface folder holding antelopev2 (face subjects)")
-    m.add_argument("--provider", default="auto", help="onnxruntime provider for the face detector (default auto)")
+    m.add_argument("--provider", default="auto",
+                   help="onnxruntime provider for the face detector when it runs in onnxruntime (default auto)")
+    m.add_argument("--detector", default="auto", choices=DETECTOR_BACKENDS,
+                   help="where the face detector runs: torch (on --device) or onnxruntime (on --provider); "
+                        "auto = torch on CUDA, else onnxruntime")
     m.add_argument("--dinov2", type=Path, help="transformers DINOv2 folder (object subjects)")
     m.add_argument("--owlvit", type=Path, help="transformers OWL-ViT folder (object subjects)")
     m.add_argument("--clip", type=Path, help="transformers CLIP vision folder (clip subjects)")
@@ -270,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
     references = {path: load_image(path) for spec in specs for path in spec.images}
     discriminators = {}
     if faces_dir:
-        discriminators["face"] = load_face_discriminator(faces_dir, provider=args.provider, device=device)
+        discriminators["face"] = load_face_discriminator(faces_dir, provider=args.provider, device=device,
+                                                         detector_backend=args.detector)
     if object_dirs:
         discriminators["object"] = load_object_discriminator(*object_dirs, device=device)
     if clip_dir:

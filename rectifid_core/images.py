@@ -170,12 +170,17 @@ def ensure_min_size(image: torch.Tensor, min_side: int, *, upscale: bool = True,
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
 
 
-def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
-    """[3,H,W] 0..1 -> uint8 HWC RGB for detectors that run outside torch."""
+def to_pixel_levels(image: torch.Tensor) -> torch.Tensor:
+    """[3,H,W] 0..1 -> float 0..255 integer levels on the same device: the 8-bit image a detector sees,
+    without leaving the device (`to_uint8_hwc` is its host copy)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected [3,H,W], got {tuple(image.shape)}")
-    arr = (image.detach().float().clamp(0, 1) * 255.0).round().byte()
-    return arr.permute(1, 2, 0).cpu().numpy()
+    return (image.detach().float().clamp(0, 1) * 255.0).round()
+
+
+def to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
+    """[3,H,W] 0..1 -> uint8 HWC RGB for detectors that run outside torch."""
+    return to_pixel_levels(image).byte().permute(1, 2, 0).cpu().numpy()
 
 
 def as_reference_list(images: Union[ImageLike, Sequence[ImageLike]], *, alpha: str = "white") -> list[torch.Tensor]:

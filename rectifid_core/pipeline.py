@@ -247,15 +247,15 @@ def _missing(exc: ImportError, what: str) -> RuntimeError:
 
 
 def load_face_discriminator(path: str | os.PathLike, provider: str = "auto",
-                            device: torch.device | str = "cpu") -> Discriminator:
-    """antelopev2 (SCRFD via onnxruntime on `provider`, ArcFace in torch on `device`) from its folder."""
+                            device: torch.device | str = "cpu", detector_backend: str = "auto") -> Discriminator:
+    """antelopev2 (SCRFD in torch or onnxruntime, see `load_face_models`; ArcFace in torch on `device`)."""
     try:
         from .objectives import load_face_models
-        models = load_face_models(path, provider=provider, device=device)
+        models = load_face_models(path, provider=provider, device=device, detector_backend=detector_backend)
     except ImportError as exc:
         raise _missing(exc, "loading the face models") from exc
     return Discriminator("face", {"faces": models},
-                         f"faces ({os.path.basename(os.fspath(path))}, {', '.join(models.providers)})")
+                         f"faces ({os.path.basename(os.fspath(path))}, {models.detector.description})")
 
 
 def load_object_discriminator(dinov2_path: str | os.PathLike, owlvit_path: str | os.PathLike,

@@ -228,3 +228,21 @@ def test_match_subjects_weights_and_labels(models):
         out = bundle.objective(image)
     (assignment,) = out.diagnostics["assignment"]
     assert sorted(assignment) == [0, 1] and assignment[0] != assignment[1]
+
+
+def test_face_loader_runs_scrfd_in_torch_when_asked_and_the_sampler_gives_the_same_images(models, monkeypatch):
+    required = N["RectifIDFaceModelLoader"].INPUT_TYPES()["required"]
+    assert list(required)[-1] == "detector" and list(required["detector"][0]) == ["auto", "torch", "onnxruntime"]
+    flow, faces = models
+    monkeypatch.setenv("RECTIFID_MODELS_DIR", str(ce.tiny_models_dir("diffusers", "insightface")))
+    (in_torch,) = comfy(N["RectifIDFaceModelLoader"]().load, "antelopev2", "cpu", "cpu", "torch")
+    assert faces.models["faces"].detector.backend == "onnxruntime"  # auto on the CPU
+    assert in_torch.models["faces"].detector.backend == "torch" and "SCRFD in torch on cpu" in in_torch.description
+    args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=3, steps=0, iterations=2,
+                guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
+    images = []
+    for loaded in (faces, in_torch):
+        _, bundle, _ = comfy(N["RectifIDSubject"]().build, loaded, face_photo((10, 10, 1.0, 1.0)), "alice",
+                             "largest", 0, 0.0)
+        images.append(comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)[0])
+    torch.testing.assert_close(images[1], images[0], rtol=1e-5, atol=1e-6)

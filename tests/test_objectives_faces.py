@@ -30,13 +30,6 @@ from rectifid_core.objectives import (
 
 
 @pytest.fixture(scope="module")
-def pack_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("insightface")
-    tiny_faces.build_antelopev2(root, "models")
-    return root
-
-
-@pytest.fixture(scope="module")
 def models(pack_root):
     return load_face_models(pack_root, provider="cpu")
 

@@ -126,3 +126,112 @@ def test_unsupported_operator_is_named():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="glintr100.onnx"):
         onnx_to_torch(tmp_path / "glintr100.onnx")
+
+
+# -- SCRFD ------------------------------------------------------------------------
+
+# Float32 graphs evaluated by two libraries differ only in summation order: ~3e-7 of each output's largest
+# magnitude on these graphs. 1e-5 leaves a 30x margin; a wrong operator (nearest vs bilinear upsampling, an
+# ignored batch-norm statistic, a shifted Slice) is off by 1e-2 or more.
+RELATIVE = 1e-5
+
+
+def _assert_outputs_close(ours, ref):
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert tuple(a.shape) == b.shape
+        scale = max(float(np.abs(b).max()), 1e-12)
+        np.testing.assert_allclose(a.detach().double().numpy() / scale, b.astype(np.float64) / scale, atol=RELATIVE)
+
+
+@pytest.fixture(scope="module")
+def scrfd_shaped(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scrfd") / "scrfd_10g_bnkps.onnx"
+    return path, tiny_faces.build_scrfd_shaped_onnx(path, seed=5)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 160), (160, 96)])
+def test_scrfd_shaped_export_matches_onnxruntime_on_random_inputs(scrfd_shaped, hw):
+    path, model = scrfd_shaped
+    net = onnx_to_torch(path)
+    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(hw[0] * hw[1]))
+    with torch.no_grad():
+        ours = net(x)
+        original = model(x)
+    _assert_outputs_close(ours, _ort(str(path), {"input.1": x.numpy()}))
+    _assert_outputs_close(ours, [o.numpy() for o in original])
+    assert ours[0].shape == (hw[0] // 8 * hw[1] // 8 * 2, 1) and ours[8].shape == (hw[0] // 32 * hw[1] // 32 * 2, 10)
+    # the export has the operators of SCRFD's mmdet export, dynamic reshapes included
+    ops = {op for op, *_ in net._nodes}
+    assert {"Conv", "BatchNormalization", "Relu", "Add", "Concat", "Resize", "Sigmoid", "Reshape", "Transpose", "Mul",
+            "Shape", "Gather", "Unsqueeze", "MaxPool", "AveragePool"} <= ops
+
+
+def test_synthetic_scrfd_graph_matches_onnxruntime(tmp_path):
+    path = tmp_path / "scrfd.onnx"
+    tiny_faces.build_scrfd_onnx(path)
+    net = onnx_to_torch(path)
+    x = torch.rand(1, 3, 640, 640) * 2 - 1
+    _assert_outputs_close(net(x), _ort(str(path), {"input.1": x.numpy()}))
+    assert {"Resize", "Slice", "Shape"} <= {op for op, *_ in net._nodes}
+
+
+def test_resize_upsample_slice_cast_match_onnxruntime():
+    rng = np.random.default_rng(1)
+    i64 = lambda *v: np.array(v, dtype=np.int64)
+    inits = [
+        numpy_helper.from_array(np.array([1, 1, 2, 3], dtype=np.float32), "scales"),
+        numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales2"),
+        numpy_helper.from_array(np.zeros(0, dtype=np.float32), "roi"),
+        numpy_helper.from_array(i64(1, -6), "st"),
+        numpy_helper.from_array(i64(2**62, -1), "en"),  # past the end; from the end
+        numpy_helper.from_array(i64(2, 3), "ax"),
+        numpy_helper.from_array(i64(2, 1), "sp"),
+        numpy_helper.from_array(i64(1, 2), "filled_shape"),
+    ]
+    nodes = [
+        helper.make_node("Resize", ["x", "roi", "scales"], ["nn"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Resize", ["x", "roi", "scales2"], ["lin"], mode="linear",
+                         coordinate_transformation_mode="half_pixel"),
+        helper.make_node("Resize", ["x", "roi", "scales2"], ["ac"], mode="linear",
+                         coordinate_transformation_mode="align_corners"),
+        helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["sl"]),
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Cast", ["shp"], ["shp_f"], to=TensorProto.FLOAT),
+        helper.make_node("Floor", ["shp_f"], ["fl"]),
+        helper.make_node("Exp", ["sl"], ["ex"]),
+        helper.make_node("ConstantOfShape", ["filled_shape"], ["cs"],
+                         value=numpy_helper.from_array(np.array([0.25], dtype=np.float32))),
+    ]
+    names = ["nn", "lin", "ac", "sl", "fl", "ex", "cs"]
+    model = _graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 7])],
+                   [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names], inits, opset=11)
+    x = rng.standard_normal((1, 2, 5, 7)).astype(np.float32)
+    _assert_outputs_close(OnnxGraphModule(model)(torch.from_numpy(x)), _ort(model.SerializeToString(), {"x": x}))
+    # opset 9 Upsample (scales as an input), as older SCRFD exports have it
+    up = _graph([helper.make_node("Upsample", ["x", "scales2"], ["y"], mode="nearest")],
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 7])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits[1:2], opset=9)
+    _assert_outputs_close([OnnxGraphModule(up)(torch.from_numpy(x))], _ort(up.SerializeToString(), {"x": x}))
+
+
+def test_resize_modes_torch_cannot_match_are_refused():
+    model = _graph([helper.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest",
+                                     coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                   [numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "s")])
+    refused = "Resize nearest with coordinate_transformation_mode='half_pixel'"
+    with pytest.raises(UnsupportedOnnxOperator, match=refused):
+        OnnxGraphModule(model)(torch.zeros(1, 1, 4, 4))
+
+
+def test_converted_scrfd_runs_off_the_host_with_shape_constants_on_it(scrfd_shaped):
+    """The meta device stands in for a GPU: every tensor op must run there, the shape bookkeeping
+    (integer constants, Shape outputs) stays on the host so reading it never waits for the device."""
+    net = onnx_to_torch(scrfd_shaped[0]).to("meta")
+    assert net._host_constants and all(t.device.type == "cpu" for t in net._host_constants.values())
+    assert all(b.device.type == "meta" and b.is_floating_point() for b in net.buffers())
+    out = net(torch.zeros(1, 3, 64, 96, device="meta"))
+    assert all(o.device.type == "meta" for o in out) and out[0].shape == (8 * 12 * 2, 1)

@@ -10,7 +10,13 @@ insightface's arcface_torch does (eval mode, dynamic batch).
 strides 8/16/32 with 2 anchors, each [cells*2, k]). Its outputs are simple
 functions of the image so tests know what it must find: on the stride-32
 grid, score = mean green of the cell (0..1) and the box/keypoint spread is
-(0.5 + 2 * mean red) strides; strides 8 and 16 report zero scores.
+(0.5 + 2 * mean red) strides; strides 8 and 16 report zero scores (their
+box and keypoint maps are the stride-32 ones upsampled by a nearest Resize
+whose sizes come from Shape/Slice/Concat, as mmdet's FPN exports them).
+
+`build_scrfd_shaped_onnx`: the benchmark's SCRFD-shaped network
+(rectifid_core/benchmark/detector.py: SCRFD's layers and export pattern with
+random weights), tiny, with non-trivial batch-norm statistics.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+
+from rectifid_core.benchmark.detector import ScrfdShaped, export_scrfd_onnx
 
 STRIDES = (8, 16, 32)
 # Unit-box keypoint offsets (x, y pairs) of the synthetic detector: a face-like pattern.
@@ -138,7 +146,11 @@ def build_scrfd_onnx(path: Path) -> None:
         const(f"{name}_start", np.array([ch], dtype=np.int64))
         const(f"{name}_end", np.array([ch + 1], dtype=np.int64))
     const("axis1", np.array([1], dtype=np.int64))
-    for s in STRIDES:
+    const("nc_start", np.array([0], dtype=np.int64))
+    const("nc_end", np.array([2], dtype=np.int64))
+    const("hw_start", np.array([2], dtype=np.int64))
+    const("hw_end", np.array([4], dtype=np.int64))
+    for s in sorted(STRIDES, reverse=True):  # stride 32 first: the others upsample its red map
         nodes.append(helper.make_node("AveragePool", ["input.1"], [f"pool{s}"], kernel_shape=[s, s], strides=[s, s]))
         per_cell = {}
         for name in ("red", "green"):
@@ -152,12 +164,27 @@ def build_scrfd_onnx(path: Path) -> None:
             ]
             per_cell[name] = f"{name}{s}_col"
         score = f"score_{s}"
+        red = per_cell["red"]
         if s == 32:
             nodes.append(helper.make_node("Identity", [per_cell["green"]], [score]))
         else:
             nodes.append(helper.make_node("Mul", [per_cell["green"], "zero"], [score]))
+            # the red map of stride 32 upsampled to this stride's grid (sizes = [N, C] of it + [H, W] of this one)
+            red = f"red{s}_up_col"
+            nodes += [
+                helper.make_node("Shape", ["red32_01"], [f"shape32_{s}"]),
+                helper.make_node("Slice", [f"shape32_{s}", "nc_start", "nc_end"], [f"nc_{s}"]),
+                helper.make_node("Shape", [f"red{s}_01"], [f"shape{s}"]),
+                helper.make_node("Slice", [f"shape{s}", "hw_start", "hw_end"], [f"hw_{s}"]),
+                helper.make_node("Concat", [f"nc_{s}", f"hw_{s}"], [f"sizes_{s}"], axis=0),
+                helper.make_node("Resize", ["red32_01", "", "", f"sizes_{s}"], [f"red{s}_up"], mode="nearest",
+                                 coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                helper.make_node("Transpose", [f"red{s}_up"], [f"red{s}_up_t"], perm=[0, 2, 3, 1]),
+                helper.make_node("Concat", [f"red{s}_up_t", f"red{s}_up_t"], [f"red{s}_up_a"], axis=3),
+                helper.make_node("Reshape", [f"red{s}_up_a", "flat1"], [red]),
+            ]
         nodes += [
-            helper.make_node("Mul", [per_cell["red"], "two"], [f"r2_{s}"]),
+            helper.make_node("Mul", [red, "two"], [f"r2_{s}"]),
             helper.make_node("Add", [f"r2_{s}", "half"], [f"spread_{s}"]),
             helper.make_node("Mul", [f"spread_{s}", "ones4"], [f"bbox_{s}"]),
             helper.make_node("Mul", [f"spread_{s}", "kps_unit"], [f"kps_{s}"]),
@@ -177,6 +204,14 @@ def build_scrfd_onnx(path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     save(model, str(path))
+
+
+def build_scrfd_shaped_onnx(path: Path, seed: int = 0, **config) -> nn.Module:
+    """Export a random-weight ScrfdShaped (`config`: its widths) to `path` with a dynamic input size."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(ScrfdShaped(**config), seed).eval()
+    export_scrfd_onnx(model, path)
+    return model
 
 
 def build_antelopev2(root: Path, layout: str = "models", mxnet_style: bool = False) -> Path:

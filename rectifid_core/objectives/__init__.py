@@ -5,8 +5,8 @@ when a name that needs them is first used, so that `import
 rectifid_core.objectives` works in a bare environment.
 
 Detections (`detections`): Detections, select(..., "insightface"), top_n, nms, crop
-Faces (`faces`, `face_models`, `face_align`, `onnx_convert`):
-    load_face_models(root, provider="auto", device="cpu") -> FaceModels
+Faces (`faces`, `face_models`, `scrfd`, `face_align`, `onnx_convert`):
+    load_face_models(root, provider="auto", device="cpu", detector_backend="auto") -> FaceModels
     FaceIdentityObjective(models, reference_images, selection="insightface", ...)
 Live subjects and objects, CLIP guidance (`subjects`):
     load_owlvit(path), load_dinov2(path), load_clip_vision(path)
@@ -23,7 +23,9 @@ from .base import Objective, ObjectiveOutput, as_output
 _LAZY = {
     # faces
     "FaceModels": "face_models",
-    "ScrfdDetector": "face_models",
+    "ScrfdDetector": "scrfd",
+    "DETECTOR_BACKENDS": "scrfd",
+    "resolve_detector_backend": "scrfd",
     "find_antelopev2": "face_models",
     "load_face_models": "face_models",
     "resolve_providers": "face_models",

@@ -1,10 +1,10 @@
 """Face models from insightface's antelopev2 pack: SCRFD detector + ArcFace recognizer.
 
-The detector runs in onnxruntime (no gradient needed: it only places the
-crop); the recognizer is converted to torch so the identity loss can be
-backpropagated into the image. Only these two of the pack's five models are
-loaded. The SCRFD output decoding is our own (anchor centres, distance
-decoding, NMS) so that it does not depend on one insightface release.
+The recognizer is converted to torch so the identity loss can be
+backpropagated into the image. The detector (no gradient needed: it only
+places the crop) runs in onnxruntime or, converted the same way, in torch on
+the recognizer's device (see `scrfd`). Only these two of the pack's five
+models are loaded.
 """
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .detections import Detections, nms
+from .scrfd import ScrfdDetector, resolve_detector_backend
 
 logger = logging.getLogger(__name__)
 
@@ -126,79 +124,6 @@ def check_session_providers(requested: Sequence[str], active: Sequence[str]) -> 
               "or choose provider 'cpu' to silence this")
 
 
-class ScrfdDetector:
-    """SCRFD with keypoints (9 or 15 outputs: scores, box distances, keypoint
-    distances per stride) on an onnxruntime session; RGB uint8 images in."""
-
-    def __init__(self, session: Any, input_size: int = 640, nms_threshold: float = 0.4) -> None:
-        outputs = session.get_outputs()
-        if len(outputs) == 9:
-            self.strides, self.anchors = (8, 16, 32), 2
-        elif len(outputs) == 15:
-            self.strides, self.anchors = (8, 16, 32, 64, 128), 1
-        else:
-            raise ValueError(
-                f"SCRFD model has {len(outputs)} outputs; a keypoint model with 9 or 15 outputs "
-                f"({DETECTOR_FILE}) is needed to align faces"
-            )
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.output_names = [o.name for o in outputs]
-        self.batched = len(outputs[0].shape) == 3
-        shape = session.get_inputs()[0].shape
-        fixed = shape[2:4] if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:4]) else None
-        self.input_hw = (int(fixed[0]), int(fixed[1])) if fixed else (input_size, input_size)
-        self.nms_threshold = nms_threshold
-
-    def _blob(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """Letterbox into the input size (top-left, aspect kept), normalise as SCRFD was trained."""
-        in_h, in_w = self.input_hw
-        h, w = image.shape[:2]
-        scale = min(in_h / h, in_w / w)
-        new_h, new_w = max(1, int(h * scale)), max(1, int(w * scale))
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        if (new_h, new_w) != (h, w):
-            t = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)
-        canvas = torch.zeros(1, 3, in_h, in_w)
-        canvas[:, :, :new_h, :new_w] = t
-        return ((canvas - 127.5) / 128.0).numpy(), new_h / h
-
-    def detect(self, image: np.ndarray, threshold: float = 0.5) -> Detections:
-        """Faces with score >= threshold in an RGB uint8 image [H,W,3]."""
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an RGB image [H,W,3], got shape {image.shape}")
-        blob, scale = self._blob(image)
-        outs = self.session.run(self.output_names, {self.input_name: blob})
-        n = len(self.strides)
-        in_h, in_w = blob.shape[2:]
-        scores_l, boxes_l, kps_l = [], [], []
-        for i, stride in enumerate(self.strides):
-            score, dist, kdist = (outs[i + k * n] for k in range(3))
-            if self.batched:
-                score, dist, kdist = score[0], dist[0], kdist[0]
-            gh, gw = in_h // stride, in_w // stride
-            ys, xs = np.mgrid[:gh, :gw]
-            centres = np.stack([xs, ys], -1).reshape(-1, 2).astype(np.float32) * stride
-            centres = np.repeat(centres, self.anchors, axis=0)
-            score = score.reshape(-1)
-            if score.shape[0] != centres.shape[0]:
-                raise ValueError(
-                    f"SCRFD stride {stride} output has {score.shape[0]} scores, expected {centres.shape[0]} "
-                    f"for a {in_w}x{in_h} input; is this an SCRFD model?"
-                )
-            keep = score >= threshold
-            d = dist.reshape(-1, 4)[keep] * stride
-            c = centres[keep]
-            boxes_l.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
-            kps_l.append((np.tile(c, 5) + kdist.reshape(-1, 10)[keep] * stride).reshape(-1, 5, 2))
-            scores_l.append(score[keep])
-        scores = np.concatenate(scores_l).astype(np.float32)
-        boxes = np.concatenate(boxes_l).astype(np.float32) / scale
-        kps = np.concatenate(kps_l).astype(np.float32) / scale
-        keep = nms(boxes, scores, self.nms_threshold, plus_one=True) if len(scores) else []
-        return Detections(boxes[keep], scores[keep], kps[keep].reshape(-1, 5, 2), threshold)
-
-
 def recognizer_input_range(model: Any) -> tuple[float, float]:
     """(mean, std) that 0..255 RGB crops are normalised with before the recognizer.
 
@@ -223,7 +148,7 @@ class FaceModels:
     detector: ScrfdDetector
     recognizer: torch.nn.Module
     folder: Path
-    providers: list[str] = field(default_factory=list)
+    providers: list[str] = field(default_factory=list)  # onnxruntime's, empty when the detector runs in torch
     input_mean: float = 127.5
     input_std: float = 127.5
 
@@ -243,26 +168,67 @@ def load_face_models(
     provider: str = "auto",
     device: Union[str, torch.device] = "cpu",
     detector_size: int = 640,
+    detector_backend: str = "auto",
 ) -> FaceModels:
-    """Load SCRFD (onnxruntime, `provider`) and ArcFace (torch, `device`) from an antelopev2 folder."""
+    """Load SCRFD and ArcFace (torch, `device`) from an antelopev2 folder.
+
+    detector_backend: "torch" runs SCRFD converted to torch on `device`; "onnxruntime" on
+    `provider`; "auto" picks torch when `device` is CUDA (or onnxruntime is not installed),
+    else onnxruntime.
+    """
     folder = find_antelopev2(root)
     try:
-        import onnxruntime
         from onnx.external_data_helper import load_external_data_for_model
     except ImportError as exc:
-        raise ImportError(
-            "the face models need onnx and onnxruntime: pip install onnx onnxruntime-gpu (NVIDIA) "
-            "or onnx onnxruntime (CPU)"
-        ) from exc
+        raise ImportError("the face models need onnx: pip install onnx (and onnxruntime-gpu on NVIDIA or "
+                          "onnxruntime elsewhere, for the detector on CPU)") from exc
+    try:
+        import onnxruntime
+    except ImportError:
+        onnxruntime = None
+    backend = resolve_detector_backend(detector_backend, device, onnxruntime_installed=onnxruntime is not None)
+    if backend == "onnxruntime" and onnxruntime is None:
+        raise ImportError("the face detector backend 'onnxruntime' needs onnxruntime: pip install onnxruntime-gpu "
+                          "(NVIDIA) or onnxruntime (CPU), or choose the detector backend 'torch'")
 
     from ..model_files import check_onnx_file
-    from .onnx_convert import onnx_to_torch
+    from .onnx_convert import UnsupportedOnnxOperator, onnx_to_torch
 
     detector_file, recognizer_file = folder / DETECTOR_FILE, folder / RECOGNIZER_FILE
-    check_onnx_file(detector_file)  # a damaged file must not be blamed on the GPU provider below
+    detector_proto = check_onnx_file(detector_file)  # a damaged file must not be blamed on the GPU provider below
+    load_external_data_for_model(detector_proto, str(folder))
     proto = check_onnx_file(recognizer_file)
     load_external_data_for_model(proto, str(folder))
-    providers = resolve_providers(provider)
+    if backend == "torch":
+        try:
+            detector = ScrfdDetector.from_torch(detector_proto, device, input_size=detector_size)
+        except UnsupportedOnnxOperator as exc:
+            if detector_backend != "auto" or onnxruntime is None:
+                raise UnsupportedOnnxOperator(f"the face detector {detector_file} cannot run in torch: {exc}. "
+                                              "Choose the detector backend 'onnxruntime'") from exc
+            _warn(f"the face detector {detector_file} cannot run in torch ({exc}); it runs in onnxruntime instead, "
+                  "and the generated image goes to the host for it each iteration")
+            backend = "onnxruntime"
+    if backend == "torch":
+        providers: list[str] = []
+    else:
+        session = _detector_session(onnxruntime, detector_file, resolve_providers(provider))
+        detector = ScrfdDetector.from_session(session, detector_proto, input_size=detector_size)
+        providers = list(session.get_providers())
+    mean, std = recognizer_input_range(proto)
+    recognizer = onnx_to_torch(proto).to(device)
+    return FaceModels(
+        detector=detector,
+        recognizer=recognizer,
+        folder=folder,
+        providers=providers,
+        input_mean=mean,
+        input_std=std,
+    )
+
+
+def _detector_session(onnxruntime: Any, detector_file: Path, providers: list[str]) -> Any:
+    """onnxruntime session for SCRFD; a GPU provider that fails to start falls back to CPU with a warning."""
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
     try:
@@ -277,14 +243,4 @@ def load_face_models(
         providers = [PROVIDERS["cpu"]]
         session = onnxruntime.InferenceSession(str(detector_file), sess_options=options, providers=providers)
     check_session_providers(providers, session.get_providers())
-    detector = ScrfdDetector(session, input_size=detector_size)
-    mean, std = recognizer_input_range(proto)
-    recognizer = onnx_to_torch(proto).to(device)
-    return FaceModels(
-        detector=detector,
-        recognizer=recognizer,
-        folder=folder,
-        providers=list(session.get_providers()),
-        input_mean=mean,
-        input_std=std,
-    )
+    return session

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..images import ImageLike, as_reference_list, ensure_min_size, to_uint8_hwc
+from ..images import ImageLike, as_reference_list, ensure_min_size
 from .base import ObjectiveOutput
 from .common import AVERAGES, average_embeddings, check_image_batch
 from .detections import (SELECTIONS, Candidate, Detections, LocatedSubject, Region, describe_choice, inside_region,
                          select, top_n)
 from .face_align import align_faces
 from .face_models import FaceModels
+from .scrfd import ImageInput, image_hw
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ MIN_REFERENCE_SIDE = 32
 
 def detect_faces(
     models: FaceModels,
-    image: np.ndarray,
+    image: ImageInput,
     *,
     min_count: int = 1,
     threshold: float = 0.5,
@@ -43,8 +44,8 @@ def detect_faces(
     floor: Optional[float] = 0.1,
     region: Optional[Region] = None,
 ) -> Detections:
-    """Detect in an RGB uint8 image at `threshold`, lowering it by `step` until at least
-    `min_count` faces (at least half inside `region`, if given) are found.
+    """Detect in an RGB uint8 image [H,W,3] (or a [3,H,W] tensor in 0..1) at `threshold`, lowering
+    it by `step` until at least `min_count` faces (at least half inside `region`, if given) are found.
 
     floor=None is the reference code's loop: no floor; it ends after the first threshold <= 0,
     where every anchor passes. Otherwise it stops before going below `floor`. Returns the last
@@ -53,7 +54,7 @@ def detect_faces(
     if not 0.0 < threshold <= 1.0 or step <= 0 or min_count < 1 or (floor is not None and not 0.0 < floor <= threshold):
         raise ValueError(f"need 0 < floor <= threshold <= 1, step > 0 and min_count >= 1, got "
                          f"{floor=}, {threshold=}, {step=}, {min_count=}")
-    hw = image.shape[:2]
+    hw = image_hw(image)
     thr = threshold
     while True:
         dets = inside_region(models.detector.detect(image, thr), region, hw)
@@ -75,7 +76,7 @@ def locate_face(models: FaceModels, image: torch.Tensor, *, selection: str = "in
                 floor: float = 0.1) -> LocatedSubject:
     """Every face in a reference photo [1,3,H,W] (threshold lowered down to `floor` until one
     passes) and the chosen one."""
-    dets = detect_faces(models, to_uint8_hwc(image[0]), threshold=threshold, step=step, floor=floor)
+    dets = detect_faces(models, image[0], threshold=threshold, step=step, floor=floor)
     chosen = select(dets, tuple(image.shape[-2:]), selection, index, region) if len(dets) else None
     return LocatedSubject(dets, chosen)
 
@@ -162,7 +163,7 @@ class FaceIdentityObjective:
 
     def _detect(self, image: torch.Tensor, min_count: int) -> Detections:
         floor = None if self.no_face == "fallback" else self.threshold_floor
-        return detect_faces(self.models, to_uint8_hwc(image[0]), min_count=min_count, threshold=self.threshold,
+        return detect_faces(self.models, image[0], min_count=min_count, threshold=self.threshold,
                             step=self.threshold_step, floor=floor, region=self.region)
 
     def _embed(self, image: torch.Tensor, keypoints: np.ndarray) -> torch.Tensor:

@@ -1,12 +1,16 @@
-"""A small ONNX -> torch interpreter for frozen recognition networks (ArcFace).
+"""A small ONNX -> torch interpreter for insightface's frozen networks (ArcFace, SCRFD).
 
 The identity gradient must flow through the recognizer, which insightface
-ships only as ONNX. onnx2torch would do this but pulls torchvision (and with
-it a different torch build), so this module covers the operator set of
-insightface's iResNet exports (`arcface_torch` via torch.onnx, old and new
-exporters): convolutions, batch norms, PReLU, residual arithmetic, the
-flatten / reshape / fully-connected head and the shape bookkeeping older
-exporters emit. Weights become buffers, so nothing here is trainable.
+ships only as ONNX, and the detector should run on the same device as the
+generation so no guidance iteration leaves the GPU. onnx2torch would do this
+but pulls torchvision (and with it a different torch build), so this module
+covers the operator set of insightface's exports: the iResNet recognizers
+(`arcface_torch` via torch.onnx, old and new exporters: convolutions, batch
+norms, PReLU, residual arithmetic, the flatten / reshape / fully-connected
+head) and the mmdet SCRFD detectors (ResNet/FPN with nearest Resize or
+Upsample, Sigmoid heads, Transpose + Reshape per stride), plus the shape
+bookkeeping (Shape, Gather, Slice, Cast, Unsqueeze, Concat) their exporters
+emit. Weights become buffers, so nothing here is trainable.
 """
 from __future__ import annotations
 
@@ -132,6 +136,77 @@ def _clip(attrs: dict, x, lo=None, hi=None):
     return x if lo is None and hi is None else torch.clamp(x, lo, hi)
 
 
+def _slice(attrs: dict, x, starts=None, ends=None, axes=None, steps=None):
+    starts = _ints(starts) if starts is not None else list(attrs["starts"])
+    ends = _ints(ends) if ends is not None else list(attrs["ends"])
+    axes = _ints(axes) if axes is not None else list(attrs.get("axes", range(len(starts))))
+    steps = _ints(steps) if steps is not None else [1] * len(starts)
+    index: list[Any] = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if step < 1:
+            raise UnsupportedOnnxOperator(f"Slice with step {step} is not supported")
+        dim = x.shape[axis]
+        # ONNX clamps out-of-range bounds (INT64_MAX means "to the end"); Python slicing does too once negatives resolve
+        start, end = (v + dim if v < 0 else v for v in (start, end))
+        index[axis % x.ndim] = slice(min(max(start, 0), dim), min(max(end, 0), dim), step)
+    return x[tuple(index)]
+
+
+_ONNX_DTYPES = {1: torch.float32, 6: torch.int32, 7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64}
+
+
+def _cast(attrs: dict, x):
+    to = attrs["to"]
+    if to not in _ONNX_DTYPES:
+        raise UnsupportedOnnxOperator(f"Cast to ONNX data type {to} is not supported")
+    # float64 stays float32, as the converted weights do (see _to_tensor)
+    return x.to(torch.float32 if to == 11 else _ONNX_DTYPES[to])
+
+
+def _interpolate(x, mode: str, transform: str, nearest_mode: str, scales=None, sizes=None):
+    """ONNX Resize / Upsample semantics mapped onto F.interpolate, for the modes torch computes identically."""
+    if sizes is not None and sizes.numel():
+        size = _ints(sizes)[2:]
+        kwargs: dict[str, Any] = {"size": size}
+    else:
+        factors = [float(v) for v in scales.tolist()]
+        if factors[:2] != [1.0, 1.0]:
+            raise UnsupportedOnnxOperator(f"Resize of the batch or channel axis (scales {factors}) is not supported")
+        # the output size ONNX defines (floor(in * scale)); torch then uses in/out as the sampling ratio, which is
+        # what ONNX does as well for the integer factors the exporters write
+        kwargs = {"size": [int(np.floor(d * f)) for d, f in zip(x.shape[2:], factors[2:])]}
+    if mode == "nearest":
+        if transform != "asymmetric" or nearest_mode != "floor":
+            raise UnsupportedOnnxOperator(
+                f"Resize nearest with coordinate_transformation_mode={transform!r}, nearest_mode={nearest_mode!r} "
+                "is not supported (asymmetric + floor, what torch exports, is)")
+        return F.interpolate(x, mode="nearest", **kwargs)
+    if mode == "linear" and x.ndim == 4:
+        if transform not in ("align_corners", "half_pixel", "pytorch_half_pixel"):
+            raise UnsupportedOnnxOperator(
+                f"Resize linear with coordinate_transformation_mode={transform!r} is not supported")
+        return F.interpolate(x, mode="bilinear", align_corners=transform == "align_corners", **kwargs)
+    raise UnsupportedOnnxOperator(f"Resize mode {mode!r} on a {x.ndim}-d tensor is not supported")
+
+
+def _resize(attrs: dict, x, roi=None, scales=None, sizes=None):
+    if attrs.get("antialias", 0):
+        raise UnsupportedOnnxOperator("Resize with antialias=1 is not supported")
+    if scales is None and sizes is None:
+        raise UnsupportedOnnxOperator("Resize needs scales or sizes")
+    return _interpolate(x, attrs.get("mode", "nearest"), attrs.get("coordinate_transformation_mode", "half_pixel"),
+                        attrs.get("nearest_mode", "round_prefer_floor"), scales, sizes)
+
+
+def _upsample(attrs: dict, x, scales=None):
+    """Upsample (opset 7-9): scales as attribute (opset 7) or input (9); nearest only (its linear mode uses
+    asymmetric coordinates, which F.interpolate does not offer)."""
+    if attrs.get("mode", "nearest") != "nearest":
+        raise UnsupportedOnnxOperator(f"Upsample mode {attrs['mode']!r} is not supported (nearest is)")
+    factors = scales if scales is not None else torch.tensor(attrs["scales"])
+    return _interpolate(x, "nearest", "asymmetric", "floor", factors)
+
+
 _OPS: dict[str, Callable[..., Any]] = {
     "Conv": _conv,
     "BatchNormalization": lambda a, x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0, a.get("epsilon", 1e-5)),
@@ -160,6 +235,15 @@ _OPS: dict[str, Callable[..., Any]] = {
     "MaxPool": _pool("MaxPool"),
     "AveragePool": _pool("AveragePool"),
     "Pad": _pad,
+    "Slice": _slice,
+    "Cast": _cast,
+    "Floor": lambda a, x: torch.floor(x),
+    "Exp": lambda a, x: torch.exp(x),
+    "ConstantOfShape": lambda a, shape: torch.full(
+        _ints(shape), float(a["value"].reshape(-1)[0]) if "value" in a else 0.0,
+        dtype=a["value"].dtype if "value" in a else torch.float32),
+    "Resize": _resize,
+    "Upsample": _upsample,
 }
 
 SUPPORTED_OPERATORS = tuple(sorted(_OPS))
@@ -205,6 +289,7 @@ class OnnxGraphModule(nn.Module):
                 + f"; supported: {', '.join(SUPPORTED_OPERATORS)}"
             )
         self._names: dict[str, str] = {}
+        self._host_constants: dict[str, torch.Tensor] = {}
         for init in graph.initializer:
             self._add_constant(init.name, _to_tensor(numpy_helper.to_array(init)))
         self._nodes: list[tuple[str, str, list[str], list[str], dict[str, Any]]] = []
@@ -216,10 +301,16 @@ class OnnxGraphModule(nn.Module):
                 self._add_constant(node.output[0], attrs["value"].clone())
                 continue
             self._nodes.append((node.op_type, node.name or f"#{i}", list(node.input), list(node.output), attrs))
-        self.input_names = [i.name for i in graph.input if i.name not in self._names]
+        constants = self._names.keys() | self._host_constants.keys()
+        self.input_names = [i.name for i in graph.input if i.name not in constants]
         self.output_names = [o.name for o in graph.output]
 
     def _add_constant(self, name: str, value: torch.Tensor) -> None:
+        if not value.is_floating_point():
+            # integer constants are shape bookkeeping (Reshape shapes, Slice bounds, Gather indices), read on
+            # the host like Shape's outputs: kept off the module's device, reading them never waits for a GPU
+            self._host_constants[name] = value
+            return
         key = f"c{len(self._names)}"
         self._names[name] = key
         self.register_buffer(key, value, persistent=True)
@@ -228,6 +319,7 @@ class OnnxGraphModule(nn.Module):
         if len(inputs) != len(self.input_names):
             raise ValueError(f"graph takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
         env: dict[str, Any] = {name: getattr(self, key) for name, key in self._names.items()}
+        env.update(self._host_constants)
         env.update(zip(self.input_names, inputs))
         for op, name, ins, outs, attrs in self._nodes:
             args = [env[i] if i else None for i in ins]
