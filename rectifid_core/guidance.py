@@ -57,6 +57,7 @@ SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum")
 CK_MODES = ("per_window", "legacy", "one")
 MEMORY_MODES = ("store", "recompute_vae", "checkpoint", "lowest", "auto")
 AUTO_MEMORY_ORDER = ("store", "recompute_vae", "checkpoint")  # fastest first; lowest is never chosen by auto
+AUTO_HEADROOM = 0.85  # share of the free memory auto lets a mode's estimated activations take
 
 
 @dataclass
@@ -138,7 +139,7 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, famil
 
 
 def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
-                       dtype: torch.dtype = torch.float16, headroom: float = 0.85) -> str:
+                       dtype: torch.dtype = torch.float16, headroom: float = AUTO_HEADROOM) -> str:
     """The fastest of store, recompute_vae, checkpoint whose activations fit in `headroom` of the free memory.
 
     When none fits, "checkpoint" (the leanest of them); callers that refuse a run check the estimate themselves.

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..guidance import AUTO_MEMORY_ORDER, FP32_DECODE, estimate_guidance_bytes
+from ..guidance import AUTO_HEADROOM, AUTO_MEMORY_ORDER, FP32_DECODE, estimate_guidance_bytes
 from .models import IResNet, text_encoder_configs, unet_config, vae_config
 
 GIB = 1024 ** 3
@@ -67,6 +67,7 @@ def predict(family: str, size: int, steps: int, dtype: torch.dtype, parts_ms: di
     for mode in AUTO_MEMORY_ORDER:
         peak = sum(weights.values()) + activations[mode]
         rows[mode] = {"activations_gib": activations[mode] / GIB, "peak_gib": peak / GIB,
+                      "auto_from_free_gib": activations[mode] / AUTO_HEADROOM / GIB,
                       "time_vs_floor": relative_time(mode, parts_ms, steps, forward_share)}
     targets = {name: [m for m, r in rows.items() if r["peak_gib"] <= gib and r["time_vs_floor"] <= ratio]
                for name, gib, ratio in TARGETS[family]}
@@ -77,10 +78,11 @@ def predict(family: str, size: int, steps: int, dtype: torch.dtype, parts_ms: di
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"{report['family']} {report['size']} px, K={report['steps']}, {report['dtype']}: weights "
              f"{sum(report['weights_gib'].values()):.2f} GiB",
-             "", f"| mode | activations GiB | peak GiB | time / floor{' (bound)' if report['time_is_bound'] else ''} |",
-             "|---|---|---|---|"]
+             "", f"| mode | activations GiB | peak GiB | time / floor{' (bound)' if report['time_is_bound'] else ''} "
+             "| auto picks it from GiB free (weights loaded) |", "|---|---|---|---|---|"]
     for mode, r in report["modes"].items():
-        lines.append(f"| {mode} | {r['activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['time_vs_floor']:.2f} |")
+        lines.append(f"| {mode} | {r['activations_gib']:.2f} | {r['peak_gib']:.2f} | {r['time_vs_floor']:.2f} "
+                     f"| {r['auto_from_free_gib']:.2f} |")
     for name, modes in report["targets_met_by"].items():
         lines.append(f"\ntarget {name}: " + (", ".join(modes) if modes else "no mode, by this estimate"))
     return "\n".join(lines)
