@@ -31,7 +31,7 @@ iteration; the decoder's activations are the largest part at 512 px);
 memory="checkpoint" also keeps only each window's input and recomputes its
 model call (about one extra forward of everything); memory="lowest" also runs
 the CFG halves one at a time, each recomputed (half the UNet activations at
-the peak). A backend that can recomputes inside its own modules
+the peak). A backend that can recompute inside its own modules does so
 (flow.set_memory_saving: the SD VAE decoder per block) and the solver then
 leaves that part unwrapped, so no activation is recomputed twice.
 `choose_memory_mode` picks the fastest mode whose estimate fits the free memory
