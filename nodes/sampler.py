@@ -54,13 +54,11 @@ def _bytes_off_device(flow: Any, device: torch.device) -> int:
 def memory_needed(flow: Any, settings: PersonalizeSettings, device: torch.device) -> int:
     """Bytes this run needs free on `device`: weights not there yet + one iteration's activations (with margin).
 
-    `settings` are resolved (no auto left), and its memory mode is store, checkpoint or lowest.
+    `settings` are resolved (no auto left), so its memory mode is one the estimate names.
     """
     shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
-    mode = settings.guidance.memory
     estimate = estimate_guidance_bytes(shape, settings.num_steps, memory_family(flow), flow.dtype)
-    # lowest keeps less than checkpoint; the checkpoint estimate bounds it
-    activations = estimate["store" if mode == "store" else "checkpoint"]
+    activations = estimate[settings.guidance.memory]
     return _bytes_off_device(flow, device) + int(ESTIMATE_MARGIN * activations)
 
 
@@ -141,10 +139,12 @@ class RectifIDSampler:
                            "benchmark, but worse realism in some runs, and not measured on real models."}),
             "memory": (list(MEMORY_MODES), {
                 "default": "auto",
-                "tooltip": "store keeps activations for the backward pass (fastest); checkpoint recomputes them "
-                           "(slower, far less VRAM: SDXL, large images or batches); lowest also runs the CFG halves one "
-                           "at a time (slower still); auto picks store when it fits in the VRAM free now, else "
-                           "checkpoint. Only as much VRAM as the chosen mode needs is freed from ComfyUI's models."}),
+                "tooltip": "store keeps activations for the backward pass (fastest); recompute_vae keeps the "
+                           "UNet's and recomputes the VAE decoder's (one extra decode, much less VRAM at 512 px); "
+                           "checkpoint recomputes them all (slower, least VRAM: SDXL, large images or batches); lowest "
+                           "also runs the CFG halves one at a time (slower still); auto picks the fastest of store, "
+                           "recompute_vae, checkpoint whose estimate fits in the VRAM free now. Only as much VRAM as "
+                           "the chosen mode needs is freed from ComfyUI's models."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images generated together from one seed (each gets its own noise)."}),
         }}

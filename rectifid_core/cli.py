@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ck-mode", default="per_window", choices=CK_MODES)
     g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
     g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
-                   help="store: keep activations (fastest); checkpoint: recompute them in the backward pass "
-                        "(less VRAM, slower); lowest: also one CFG half at a time; auto: store if it fits in free GPU "
-                        "memory, else checkpoint (default)")
+                   help="store: keep activations (fastest); recompute_vae: keep the UNet's, recompute the VAE "
+                        "decoder's in the backward pass; checkpoint: recompute all of them (least VRAM of the three, "
+                        "slowest); lowest: also one CFG half at a time; auto: the fastest of store, recompute_vae, "
+                        "checkpoint that fits in free GPU memory (default)")
 
     o = p.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("rectifid.png"),
@@ -189,10 +190,10 @@ def check_image_size(width: int | None, height: int | None, factor: int) -> None
 def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int, num_steps: int) -> str | None:
     """Why a generation of latent `shape` will not fit in `free_bytes`, or None when the estimate says it fits.
 
-    Uses the leanest mode allowed by `memory` ("auto" may fall back to checkpointing).
+    Uses the mode asked for, or for "auto" the leanest it may fall back to (checkpoint).
     """
     need = estimate_guidance_bytes(shape, num_steps, memory_family(flow), flow.dtype)
-    mode = "store" if memory == "store" else "checkpoint"
+    mode = "checkpoint" if memory == "auto" else memory
     if need[mode] <= free_bytes:
         return None
     gib = 1024 ** 3
@@ -200,7 +201,7 @@ def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int, n
     f = flow.vae_scale_factor
     return (f"{w * f}x{h * f} with batch size {shape[0]} needs about {need[mode] / gib:.1f} GiB of GPU memory for "
             f"guidance (memory mode {mode}), but only {free_bytes / gib:.1f} GiB are free; use a smaller size or "
-            "batch size" + ("" if mode == "checkpoint" else ", or --memory checkpoint") + ", or close other GPU jobs")
+            "batch size" + ("" if need[mode] <= need["checkpoint"] else ", or --memory checkpoint") + ", or close other GPU jobs")
 
 
 def output_paths(output: Path, prompts: int, batch: int) -> list[list[Path]]:

@@ -39,15 +39,18 @@ Parallel rescaling (parallel_rescaling.py): `parallel_rescale` != 1 rescales the
 of each window's step that is parallel to the prompt's direction at that window
 (anchored, no_anchor and anchored_momentum); 1 is plain RectifID.
 
-Memory: memory="checkpoint" stores only each window's input and recomputes the
-window's model call and the VAE decode during the backward pass (about one
-extra forward per iteration for a fraction of the activation memory), and the
-backend recomputes its VAE decoder per block (flow.set_memory_saving);
-memory="lowest" also runs the CFG halves one at a time, each recomputed (one
-more UNet forward per window, for half the UNet activations at the peak);
-`choose_memory_mode` picks it from the free memory (memory="auto" does that
-with CUDA's free memory; callers with their own view of free memory, such as
-ComfyUI's model management, call it themselves).
+Memory: memory="recompute_vae" stores the window activations and recomputes
+only the VAE decode in the backward pass (one extra decoder forward per
+iteration; the decoder's activations are the largest part at 512 px);
+memory="checkpoint" also keeps only each window's input and recomputes its
+model call (about one extra forward of everything); memory="lowest" also runs
+the CFG halves one at a time, each recomputed (half the UNet activations at
+the peak). A backend that can recompute inside its own modules does so
+(flow.set_memory_saving: the SD VAE decoder per block) and the solver then
+leaves that part unwrapped, so no activation is recomputed twice.
+`choose_memory_mode` picks the fastest mode whose estimate fits the free memory
+(memory="auto" does that with CUDA's free memory; callers with their own view
+of free memory, such as ComfyUI's model management, call it themselves).
 """
 from __future__ import annotations
 
@@ -67,7 +70,9 @@ from .solvers import L2_TARGETS, MomentumUpdate, UpdateRule, anchored_update, no
 LEGACY_CK = 0.95796674  # the released SD1.5 code's constant for every window
 SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum")
 CK_MODES = ("per_window", "legacy", "one")
-MEMORY_MODES = ("store", "checkpoint", "lowest", "auto")
+MEMORY_MODES = ("store", "recompute_vae", "checkpoint", "lowest", "auto")
+AUTO_MEMORY_ORDER = ("store", "recompute_vae", "checkpoint")  # fastest first; lowest is never chosen by auto
+AUTO_HEADROOM = 0.85  # share of the free memory auto lets a mode's estimated activations take
 
 
 @dataclass
@@ -123,21 +128,28 @@ def auto_guidance_scale(objective: Objective) -> float:
 
 
 # Activations kept for the backward at 4 bytes per value (fp32; fp16/bf16 keep half):
-# "window" = one classifier-free-guided window call, "decode" = the VAE decode, in
-# bytes per latent element (C*h*w) plus bytes per image ("*_fixed": text features,
-# the recognizer). Fitted on the real architectures at two image sizes by
+# "window" = one classifier-free-guided window call, "decode" = the VAE decode,
+# "decode_recompute" = the peak of the decode's forward+backward with its blocks
+# recomputed, in bytes per latent element (C*h*w) plus bytes per image ("*_fixed":
+# text features, the recognizer). Fitted on the real architectures at two image sizes by
 # `python -m rectifid_core.benchmark.calibrate` (torch allocation accounting, SDPA attention);
 # see benchmark/results/README.md.
 ACTIVATION_BYTES = {
-    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "fixed": 111_653_540},
-    "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "fixed": 111_653_540},
+    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "decode_recompute": 207_880,
+             "fixed": 112_267_548},
+    "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 207_880,
+             "fixed": 112_267_548},
 }
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
 
 def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
                             dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Activation memory of one guidance iteration (weights excluded) for each memory mode."""
+    """Activation memory of one guidance iteration (weights excluded) for each memory mode.
+
+    "decode_recompute" is the peak of the decoder's forward+backward with its blocks
+    recomputed; "lowest" is bounded by "checkpoint" (splitting CFG never measured lower).
+    """
     if family not in ACTIVATION_BYTES:
         raise ValueError(f"no activation estimate for model family {family!r}; "
                          f"choose one of {', '.join(ACTIVATION_BYTES)}")
@@ -147,17 +159,24 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, famil
     window = (per["window"] * n + per["window_fixed"] * batch) * width
     dec = per["decode"] * n * (1.0 if family in FP32_DECODE else width)
     fixed = per["fixed"] * batch * width
+    dec_recompute = per["decode_recompute"] * n * (1.0 if family in FP32_DECODE else width)
     inputs = 4 * n * (num_steps + 1)  # the step inputs a checkpointed rollout keeps
-    return {"store": int(num_steps * window + dec + fixed), "checkpoint": int(max(window, dec) + fixed + inputs)}
+    checkpointed = int(max(window, dec_recompute) + fixed + inputs)
+    return {"store": int(num_steps * window + dec + fixed),
+            "recompute_vae": int(num_steps * window + dec_recompute + fixed),
+            "checkpoint": checkpointed, "lowest": checkpointed}
 
 
 def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
-                       dtype: torch.dtype = torch.float16, headroom: float = 0.85) -> str:
-    """Pick "store" when its activations fit in `headroom` of the free memory, else "checkpoint"."""
+                       dtype: torch.dtype = torch.float16, headroom: float = AUTO_HEADROOM) -> str:
+    """The fastest of store, recompute_vae, checkpoint whose activations fit in `headroom` of the free memory.
+
+    When none fits, "checkpoint" (the leanest of them); callers that refuse a run check the estimate themselves.
+    """
     if free_bytes < 0:
         raise ValueError(f"free memory must be >= 0 bytes, got {free_bytes}")
     need = estimate_guidance_bytes(latent_shape, num_steps, family, dtype)
-    return "store" if need["store"] <= headroom * free_bytes else "checkpoint"
+    return next((mode for mode in AUTO_MEMORY_ORDER if need[mode] <= headroom * free_bytes), AUTO_MEMORY_ORDER[-1])
 
 
 def memory_family(flow: RectifiedFlow) -> str:
@@ -238,11 +257,12 @@ def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor, offsets: 
     """Walk all steps applying the offsets; returns the final latent and every step's input state.
 
     With `checkpoint` (and grad enabled) each step's model call keeps only its input and
-    is recomputed during the backward pass. `interrupt` is called before every step.
+    is recomputed during the backward pass, unless the backend recomputes it itself
+    (flow.recomputes_step). `interrupt` is called before every step.
     """
     z = z0
     starts = []
-    recompute = checkpoint and torch.is_grad_enabled()
+    recompute = checkpoint and torch.is_grad_enabled() and not flow.recomputes_step
     for k in range(flow.num_steps):
         if interrupt is not None:
             interrupt()
@@ -253,8 +273,11 @@ def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor, offsets: 
 
 
 def decode(flow: RectifiedFlow, z: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
-    """flow.decode, optionally recomputed in the backward pass instead of storing the VAE activations."""
-    if checkpoint and torch.is_grad_enabled():
+    """flow.decode, optionally recomputed in the backward pass instead of storing the VAE activations.
+
+    A backend that recomputes its decoder itself (flow.recomputes_decode) is not wrapped again.
+    """
+    if checkpoint and torch.is_grad_enabled() and not flow.recomputes_decode:
         return _checkpoint(flow.decode, z, use_reentrant=False)
     return flow.decode(z)
 
@@ -294,17 +317,17 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
         config = dataclasses.replace(config, scale=auto_guidance_scale(objective))
     _check_inputs(flow, noise, cond)
     memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
-    recompute = memory != "store"
-    flow.set_memory_saving(recompute, split_cfg=memory == "lowest")
+    flow.set_memory_saving(memory != "store", split_cfg=memory == "lowest")
     try:
-        return _solve(flow, cond, objective, noise, config, recompute, callback, interrupt)
+        return _solve(flow, cond, objective, noise, config, memory, callback, interrupt)
     finally:
         flow.set_memory_saving(False)
 
 
 def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: torch.Tensor,
-           config: GuidanceConfig, recompute: bool, callback: Callback | None,
+           config: GuidanceConfig, memory: str, callback: Callback | None,
            interrupt: Interrupt | None) -> GuidanceResult:
+    recompute_steps, recompute_decode = memory in ("checkpoint", "lowest"), memory != "store"
     ck = anchor_coefficients(flow, config.ck_mode)
     update = _offset_rule(config)
     z0 = noise.detach()
@@ -319,8 +342,8 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
         scored = (offsets, noise_offset)
         with torch.enable_grad():
             start = (z0.to(work) + noise_offset).to(z0.dtype).requires_grad_(True)
-            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute, interrupt=interrupt)
-            image = decode(flow, z_final, checkpoint=recompute)
+            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute_steps, interrupt=interrupt)
+            image = decode(flow, z_final, checkpoint=recompute_decode)
             out = as_output(objective(image))
             loss = out.loss.float().sum()
             # the window inputs zhat_0..zhat_{K-1} and z_K: anchored uses the first K, no_anchor the last K

@@ -432,6 +432,9 @@ def test_memory_refusal_follows_the_estimate():
     message = memory_refusal(flow, shape, "auto", need["checkpoint"] - 1, steps)
     assert message and "48x64 with batch size 2" in message and "memory mode checkpoint" in message
     assert "--memory checkpoint" in memory_refusal(flow, shape, "store", need["store"] - 1, steps)
+    message = memory_refusal(flow, shape, "recompute_vae", need["recompute_vae"] - 1, steps)
+    assert "memory mode recompute_vae" in message and "--memory checkpoint" in message
+    assert memory_refusal(flow, shape, "recompute_vae", need["recompute_vae"], steps) is None
     assert memory_refusal(flow, shape, "store", need["store"], steps) is None
 
 

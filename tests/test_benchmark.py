@@ -6,6 +6,7 @@ recomputation lowers the measured peak memory while giving the same numbers.
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -70,14 +71,35 @@ def test_unknown_memory_mode_is_rejected_and_auto_stores_on_the_cpu(tiny) -> Non
     # a caller's own count of free memory (ComfyUI's model manager) decides "auto" on any device
     assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=1) == "checkpoint"
     assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=1 << 50) == "store"
+    need = estimate_guidance_bytes(tuple(noise.shape), models.flow.num_steps, "sd15", models.flow.dtype)
+    between = int(need["recompute_vae"] / 0.85) + 16
+    assert need["store"] > 0.85 * between
+    assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=between) == "recompute_vae"
 
 
-def test_memory_mode_follows_free_memory() -> None:
-    shape = (1, 4, 64, 64)
-    need = estimate_guidance_bytes(shape, 4, "sd15", torch.float16)
-    assert need["checkpoint"] < need["store"]
-    assert choose_memory_mode(int(need["store"] * 1.5), shape, 4, "sd15", torch.float16) == "store"
-    assert choose_memory_mode(int(need["store"] * 0.5), shape, 4, "sd15", torch.float16) == "checkpoint"
+def _by_hand(family: str, shape: tuple[int, ...], steps: int, width: float, decode_width: float) -> dict[str, float]:
+    """The activation model of estimate_guidance_bytes written out from ACTIVATION_BYTES (batch 1)."""
+    c, n = ACTIVATION_BYTES[family], math.prod(shape)
+    window = (c["window"] * n + c["window_fixed"]) * width
+    fixed = c["fixed"] * width
+    recomputed_decoder = c["decode_recompute"] * n * decode_width
+    return {"store": steps * window + c["decode"] * n * decode_width + fixed,
+            "recompute_vae": steps * window + recomputed_decoder + fixed,
+            "checkpoint": max(window, recomputed_decoder) + fixed + 4 * n * (steps + 1)}
+
+
+def test_auto_picks_the_fastest_mode_whose_independent_estimate_fits() -> None:
+    shape = (1, 4, 64, 64)  # SD1.5 at 512x512, K=4, fp16
+    need = _by_hand("sd15", shape, 4, 0.5, 0.5)
+    assert estimate_guidance_bytes(shape, 4, "sd15", torch.float16) == pytest.approx(
+        {**need, "lowest": need["checkpoint"]}, rel=1e-6)
+    assert need["store"] > need["recompute_vae"] > need["checkpoint"]
+    for fits in ("store", "recompute_vae", "checkpoint"):
+        free = int(need[fits] / 0.85) + 16
+        assert choose_memory_mode(free, shape, 4, "sd15", torch.float16) == fits
+    # just below what recompute_vae needs: the next leaner mode; below everything: the leanest
+    assert choose_memory_mode(int(need["recompute_vae"] / 0.85) - 16, shape, 4, "sd15", torch.float16) == "checkpoint"
+    assert choose_memory_mode(0, shape, 4, "sd15", torch.float16) == "checkpoint"
     bigger = estimate_guidance_bytes((2, 4, 64, 64), 4, "sd15", torch.float32)
     assert bigger["store"] == pytest.approx(4 * need["store"], rel=0.05)
     with pytest.raises(ValueError, match="family"):
@@ -85,11 +107,11 @@ def test_memory_mode_follows_free_memory() -> None:
 
 
 def test_sdxl_estimate_keeps_the_vae_decode_in_fp32() -> None:
-    c = ACTIVATION_BYTES["sdxl"]
-    shape, n = (1, 4, 128, 128), 4 * 128 * 128
-    half = estimate_guidance_bytes(shape, 4, "sdxl", torch.float16)["store"]
-    by_hand = 4 * (c["window"] * n + c["window_fixed"]) * 0.5 + c["decode"] * n + c["fixed"] * 0.5
-    assert half == pytest.approx(by_hand, rel=1e-6)
+    shape = (1, 4, 128, 128)
+    need = estimate_guidance_bytes(shape, 4, "sdxl", torch.float16)
+    by_hand = _by_hand("sdxl", shape, 4, 0.5, 1.0)
+    for mode, value in by_hand.items():
+        assert need[mode] == pytest.approx(value, rel=1e-6), mode
 
 
 def test_benchmark_bookkeeping_and_checkpoint_memory(tmp_path) -> None:
@@ -111,3 +133,18 @@ def test_benchmark_bookkeeping_and_checkpoint_memory(tmp_path) -> None:
     table = md_path.read_text()
     assert table == markdown_table(results)
     assert "| checkpoint |" in table and f"{store['overhead']:.3f}" in table
+
+
+def test_gpu_prediction_adds_the_real_weights_to_the_estimate() -> None:
+    from rectifid_core.benchmark.predict import GIB, predict
+
+    report = predict("sd15", 512, 4, torch.float16, {"window": 80.0, "decode": 45.0, "recognizer": 35.0}, 1 / 3)
+    weights = report["weights_gib"]
+    assert weights["unet"] * GIB == 2 * 859_520_964  # SD1.5's UNet parameter count, fp16 (it has no buffers)
+    need = estimate_guidance_bytes((1, 4, 64, 64), 4, "sd15", torch.float16)
+    for mode, row in report["modes"].items():
+        assert row["peak_gib"] * GIB == pytest.approx(sum(weights.values()) * GIB + need[mode], rel=1e-9)
+    # floor 4*80 + 45 + 35 = 400 ms; recompute_vae adds a decoder forward (15 ms), checkpoint all forwards but
+    # the recognizer's ((320 + 45) / 3 ms)
+    assert report["modes"]["recompute_vae"]["time_vs_floor"] == pytest.approx(1 + 15 / 400)
+    assert report["modes"]["checkpoint"]["time_vs_floor"] == pytest.approx(1 + 365 / 3 / 400)

@@ -1,14 +1,28 @@
-"""Backend memory saving (VAE decoder blocks, CFG halves recomputed) changes memory, not numbers.
+"""Memory modes and backend memory saving (VAE decoder blocks, CFG halves recomputed) change memory, not numbers.
 
 The gradients are compared in float64: in fp32 the batched and split CFG calls round differently,
 and a random-weight recognizer's PReLU kinks can turn that rounding into a 3e-3 difference on some
 CPUs; in float64 rounding cannot hide (or fake) a real difference.
 """
+from collections import Counter
+
+import pytest
 import torch
 
 from rectifid_core.benchmark.measure import profiled_peak_bytes
 from rectifid_core.benchmark.models import build_models
 from rectifid_core.guidance import GuidanceConfig, decode, guide, initial_noise, rollout
+
+RECOMPUTING = ("recompute_vae", "checkpoint", "lowest")
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    torch.manual_seed(0)
+    models = build_models("tiny", 0.1, dtype=torch.float64)
+    cond = models.flow.encode(["a photo of a person"], [""], 4.5)  # CFG on: the halves path runs
+    noise = initial_noise(models.flow.latent_shape(1, 64, 64), 0, dtype=torch.float64)
+    return models, cond, noise
 
 
 def _gradients(models, cond, noise, saving: bool, split_cfg: bool = False) -> list[torch.Tensor]:
@@ -24,13 +38,14 @@ def _gradients(models, cond, noise, saving: bool, split_cfg: bool = False) -> li
         flow.set_memory_saving(False)
 
 
-def test_memory_saving_keeps_gradients_lowers_the_peak_and_is_undone_after_guide():
-    torch.manual_seed(0)
-    models = build_models("tiny", 0.1, dtype=torch.float64)
-    flow = models.flow
-    cond = flow.encode(["a photo of a person"], [""], 4.5)  # CFG on: the halves path runs
-    noise = initial_noise(flow.latent_shape(1, 64, 64), 0, dtype=torch.float64)
+def _run(models, cond, noise, memory: str, iterations: int = 2):
+    return guide(models.flow, cond, models.objective, noise,
+                 GuidanceConfig(scale=1.0, iterations=iterations, memory=memory))
 
+
+def test_memory_saving_keeps_gradients_lowers_the_peak_and_is_undone_after_guide(tiny64):
+    models, cond, noise = tiny64
+    flow = models.flow
     settings = [(False, False), (True, False), (True, True)]
     plain, *saved = [_gradients(models, cond, noise, *s) for s in settings]
     for grads in saved:  # batched vs split UNet calls differ only by float rounding
@@ -40,6 +55,72 @@ def test_memory_saving_keeps_gradients_lowers_the_peak_and_is_undone_after_guide
     peaks = [profiled_peak_bytes(lambda: _gradients(models, cond, noise, *s)) for s in settings[:2]]
     assert peaks[1] < peaks[0], peaks
 
-    for memory in ("checkpoint", "lowest"):
-        guide(flow, cond, models.objective, noise, GuidanceConfig(iterations=1, memory=memory))
+    for memory in RECOMPUTING:
+        _run(models, cond, noise, memory, iterations=1)
         assert not (flow.memory_saving or flow.split_cfg or flow.components.vae.is_gradient_checkpointing)
+
+
+def test_recompute_vae_keeps_less_than_store_and_more_than_checkpoint(tiny64):
+    models, cond, noise = tiny64
+    peaks = {m: profiled_peak_bytes(lambda: _run(models, cond, noise, m, iterations=1))
+             for m in ("store", "recompute_vae", "checkpoint")}
+    assert peaks["store"] > peaks["recompute_vae"] > peaks["checkpoint"], peaks
+
+
+def _leaf_calls(modules: dict[str, torch.nn.Module]) -> tuple[Counter, list]:
+    calls: Counter = Counter()
+    handles = []
+    for part, module in modules.items():
+        for name, leaf in module.named_modules():
+            if not any(leaf.children()):
+                handles.append(leaf.register_forward_hook(
+                    lambda *_, key=f"{part}.{name}": calls.update([key])))
+    return calls, handles
+
+
+def test_every_mode_gives_the_stored_iterates_and_recomputes_each_activation_at_most_once(tiny64):
+    """Forward calls of every leaf module over N=2 guided iterations and the final pass, against store's.
+
+    Per iteration, store runs each UNet leaf once per step and each decoder leaf once; a mode may
+    add one recomputation per activation and no more: the UNet twice per step with checkpoint,
+    its two CFG halves twice each with lowest, the decoder blocks twice with any recomputing mode.
+    The decoder's head and tail lie outside its recomputed blocks and are never recomputed.
+    """
+    models, cond, noise = tiny64
+    flow, n = models.flow, 2
+    c = flow.components
+    runs_per_iteration = {"store": (1, 1), "recompute_vae": (1, 2), "checkpoint": (2, 2), "lowest": (4, 2)}
+    calls, results = {}, {}
+    for memory in runs_per_iteration:
+        calls[memory], handles = _leaf_calls({"unet": c.unet, "blocks": c.vae.decoder.up_blocks,
+                                              "mid": c.vae.decoder.mid_block, "head": c.vae.decoder.conv_in,
+                                              "tail": c.vae.decoder.conv_out, "recognizer": models.objective.net})
+        try:
+            results[memory] = _run(models, cond, noise, memory, iterations=n)
+        finally:
+            for h in handles:
+                h.remove()
+        assert not (flow.memory_saving or flow.split_cfg or c.vae.is_gradient_checkpointing)
+
+    store = results["store"]
+    assert store.losses[0] != store.losses[1]  # the update moved the iterate, so its gradients were used
+    base = calls["store"]
+    assert {key.split(".")[0] for key in base} == {"unet", "blocks", "mid", "head", "tail", "recognizer"}
+    for memory, (unet_runs, decoder_runs) in runs_per_iteration.items():
+        assert results[memory].losses == pytest.approx(store.losses, rel=1e-10), memory
+        change = float((results[memory].latent - store.latent).norm() / (store.latent - noise).norm())
+        assert change < 1e-8, (memory, change)
+        assert set(calls[memory]) == set(base), memory
+        ratios: dict[str, set] = {}
+        for key, count in calls[memory].items():
+            part = key.split(".")[0]
+            # n guided iterations + the final pass (the recognizer scores only the guided ones)
+            passes = n if part == "recognizer" else n + 1
+            ratios.setdefault(part, set()).add(count * passes / base[key])
+        expected = {"unet": n * unet_runs + 1, "blocks": n * decoder_runs + 1, "mid": n * decoder_runs + 1,
+                    "head": n + 1, "tail": n + 1, "recognizer": n}
+        for part, ratio in ratios.items():
+            # torch stops a recomputation once the tensors the backward needs are back, so a block's last
+            # layers may be skipped (fewer calls); none may run more often than one recomputation allows
+            assert max(ratio) == expected[part], (memory, part, ratio)
+            assert min(ratio) >= (n + 1 if part != "recognizer" else n), (memory, part, ratio)

@@ -4,9 +4,10 @@
 
 Builds the family's random-weight models (text encoders one layer deep: prompts
 are encoded once, outside the loop), measures with torch's allocation accounting
-what one window call, the VAE decode and the recognizer keep for the backward at
-two image sizes (fp32, CPU, SDPA attention), and fits bytes = fixed + per_element
-* latent elements for the window and the decode. Activation sizes do not depend
+what one window call, the VAE decode and the recognizer keep for the backward,
+and the peak of the decode recomputed per block, at two image sizes (fp32, CPU,
+SDPA attention), and fits bytes = fixed + per_element * latent elements for the
+window and the decodes. Activation sizes do not depend
 on the device, so the CPU fit serves the CUDA memory choice.
 """
 from __future__ import annotations
@@ -55,9 +56,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]), flush=True)
     window_fixed, window = fit([(r["latent_elements"], r["window"]) for r in rows])
     decode_fixed, decode = fit([(r["latent_elements"], r["decode"]) for r in rows])
+    recompute_fixed, recompute = fit([(r["latent_elements"], r["decode_recompute"]) for r in rows])
     constants = {"window": round(window), "window_fixed": round(window_fixed), "decode": round(decode),
-                 "fixed": round(max(r["recognizer"] for r in rows) + max(decode_fixed, 0.0))}
+                 "decode_recompute": round(recompute),
+                 "fixed": round(max(r["recognizer"] for r in rows) + max(decode_fixed, recompute_fixed, 0.0))}
     report = {"family": args.family, "width_scale": args.width_scale, "measurements": rows,
+              "intercepts": {"window": window_fixed, "decode": decode_fixed, "decode_recompute": recompute_fixed},
               "constants": constants, "environment": environment(torch.device("cpu"))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"calibration_{args.family}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")

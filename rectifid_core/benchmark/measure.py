@@ -20,8 +20,9 @@ What is measured:
 - peak memory on CPU (torch has no CPU allocator statistics): (a) the peak of
   live torch CPU allocations during one iteration, from the profiler's
   allocation events (exact, deterministic, excludes weights allocated before),
-  (b) the activations each part keeps for its backward (same accounting; the
-  constants of `guidance.estimate_guidance_bytes` come from here), and
+  (b) the activations each part keeps for its backward, and the peak of the
+  decode recomputed per block (same accounting; the constants of
+  `guidance.estimate_guidance_bytes` come from here), and
   (c) the process's peak RSS during the loop above its RSS before it
   (VmHWM after resetting it; includes allocator caching, so it is noisier).
 """
@@ -147,8 +148,20 @@ def retained_bytes(fn: Any) -> int:
     return total
 
 
+def decode_recompute_peak(flow: Any, latent: torch.Tensor) -> int:
+    """Peak live bytes of the decode's forward and backward with the backend recomputing its decoder blocks."""
+    flow.set_memory_saving(True)
+    try:
+        with torch.enable_grad():
+            x = latent.detach().requires_grad_(True)
+            return profiled_peak_bytes(lambda: torch.autograd.grad(flow.decode(x).sum(), x))
+    finally:
+        flow.set_memory_saving(False)
+
+
 def activation_bytes(models: BenchModels, cond: Any, noise: torch.Tensor) -> dict[str, int]:
-    """Activations one window call (CFG included), the VAE decode and the recognizer keep for the backward."""
+    """Activations one window call (CFG included), the VAE decode and the recognizer keep for the backward,
+    and the peak of the decode recomputed per block (`decode_recompute_peak`)."""
     z = noise.detach().clone().requires_grad_(True)
     with torch.no_grad():
         latent = models.flow.step(z, 0, cond)
@@ -157,6 +170,7 @@ def activation_bytes(models: BenchModels, cond: Any, noise: torch.Tensor) -> dic
         return {
             "window": retained_bytes(lambda: models.flow.step(z, 0, cond)),
             "decode": retained_bytes(lambda: models.flow.decode(latent.detach().requires_grad_(True))),
+            "decode_recompute": decode_recompute_peak(models.flow, latent),
             "recognizer": retained_bytes(lambda: models.objective(image.detach().requires_grad_(True)).loss),
         }
 

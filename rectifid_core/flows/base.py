@@ -125,6 +125,16 @@ class RectifiedFlow(ABC):
         `split_cfg` asks for the two CFG halves one at a time, each recomputed in the backward.
         """
 
+    @property
+    def recomputes_decode(self) -> bool:
+        """True while the backend recomputes its decoder itself, so the solver must not checkpoint it again."""
+        return False
+
+    @property
+    def recomputes_step(self) -> bool:
+        """True while the backend recomputes its step's model calls itself, so the solver must not checkpoint the step."""
+        return False
+
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         """Latent shape for an image size; rejects sizes the VAE cannot produce."""
         f = self.vae_scale_factor

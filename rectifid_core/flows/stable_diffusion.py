@@ -93,8 +93,9 @@ class StableDiffusionFlow(RectifiedFlow):
     def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
         """Checkpoint the VAE decoder per block; with `split_cfg` also run the CFG halves one at a time.
 
-        With the solver's per-window checkpoints this bounds the backward's peak to one
-        decoder block and one window (or one UNet half) instead of the whole decoder.
+        The recomputed decoder then never holds more than one block's activations; the
+        solver leaves the decode (and, with `split_cfg`, the step) unwrapped so that no
+        activation is recomputed twice (recomputes_decode, recomputes_step).
         """
         self.memory_saving = bool(enabled)
         self.split_cfg = bool(enabled and split_cfg)
@@ -103,6 +104,14 @@ class StableDiffusionFlow(RectifiedFlow):
             vae.enable_gradient_checkpointing()
         else:
             vae.disable_gradient_checkpointing()
+
+    @property
+    def recomputes_decode(self) -> bool:
+        return self.memory_saving
+
+    @property
+    def recomputes_step(self) -> bool:
+        return self.split_cfg
 
     def _tokens(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
