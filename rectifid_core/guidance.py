@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .compiled import COMPILE_MODES, compiled_run
 from .flows.base import Conditioning, RectifiedFlow
 from .objectives.base import Objective, as_output
 from .solvers import MomentumUpdate, UpdateRule, anchored_update, unanchored_update
@@ -65,6 +67,7 @@ class GuidanceConfig:
     l2: float = 1.0  # noise_gd only
     memory: str = "store"  # one of MEMORY_MODES; see the module docstring
     offset_momentum: float = 0.5  # anchored_momentum only
+    compile: str = "off"  # one of COMPILE_MODES: "on" runs the iteration through torch.compile (compiled.py)
 
     def validate(self) -> None:
         if self.mode not in SOLVER_MODES:
@@ -73,6 +76,8 @@ class GuidanceConfig:
             raise ValueError(f"unknown c_k mode {self.ck_mode!r}; choose one of {', '.join(CK_MODES)}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {self.memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile option {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations N must be an integer >= 0, got {self.iterations!r}")
         for name in ("momentum", "offset_momentum"):
@@ -270,7 +275,8 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     recompute = memory != "store"
     flow.set_memory_saving(recompute, split_cfg=memory == "lowest")
     try:
-        return _solve(flow, cond, objective, noise, config, recompute, callback, interrupt)
+        with compiled_run(flow, objective, tuple(noise.shape)) if config.compile == "on" else nullcontext(flow) as run:
+            return _solve(run, cond, objective, noise, config, recompute, callback, interrupt)
     finally:
         flow.set_memory_saving(False)
 
