@@ -138,3 +138,31 @@ def test_unusable_compile_setups_are_named(monkeypatch):
         compiled.check_compile_support("cpu")
     with pytest.raises(RuntimeError, match="supports CUDA and CPU devices, not 'mps'"):
         compiled.check_compile_support("mps")
+
+
+def test_cli_and_node_pass_compile_on(monkeypatch, tmp_path, capsys):
+    """--compile and the sampler's last input reach the solver: with no C++ compiler both stop with its name."""
+    import comfy_executor as ce
+    from rectifid_core.cli import main
+
+    from PIL import Image
+
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    root = ce.tiny_models_dir("diffusers", "insightface")
+    status = main(["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces",
+                   str(root / "insightface"), "--device", "cpu", "--subject", f"face={tmp_path / 'a.png'}",
+                   "--prompt", "a photo", "--compile", "--output", str(tmp_path / "out.png")])
+    assert status == 2 and "needs a C++ compiler" in capsys.readouterr().err
+
+    pack = ce.load_pack()
+    sampler = pack.NODE_CLASS_MAPPINGS["RectifIDSampler"]
+    required = sampler.INPUT_TYPES()["required"]
+    assert list(required)[-1] == "compile" and required["compile"] == (["off", "on"], required["compile"][1])
+    assert required["compile"][1]["default"] == "off"
+    flow = PixelFlow()
+    flow.latent_shape = lambda b, h, w: (b, 3, h, w)
+    bundle = pack.nodes.common.ObjectiveBundle(lambda image: image.mean(dim=(1, 2, 3)), ["x"])
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        sampler().sample(flow, bundle, "a photo", "", SIZE, SIZE, 0, 0, 1, 1.0, 1.0, "per_window", "anchored",
+                         "store", 1, "on")
