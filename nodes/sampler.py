@@ -152,7 +152,7 @@ class RectifIDSampler:
                            "needs Triton there, a C++ compiler on the CPU). The first run of an image size, batch "
                            "and step count compiles (the console says so; minutes), later runs of the session reuse "
                            "it and kernels stay cached under ~/.cache/rectifid/torch_compile across restarts. Same "
-                           "images as off up to float rounding. Off by default until GPU timings show the gain."}),
+                           "images as off up to float rounding. off (the default) until GPU timings show the gain."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE", "STRING")
