@@ -96,6 +96,17 @@ def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup
     assert again.losses == fast.losses
 
 
+def test_compiled_steps_inside_checkpoints_give_the_stored_result(face_setup):
+    """memory 'checkpoint' recomputes the compiled step calls in the backward: same iterates as eager store."""
+    flow, cond, objective, noise = face_setup
+    config = GuidanceConfig(iterations=2, scale=1.0)
+    eager = guide(flow, cond, objective, noise, config)
+    fast = guide(flow, cond, objective, noise, dataclasses.replace(config, compile="on", memory="checkpoint"))
+    torch.testing.assert_close(torch.tensor(fast.losses, dtype=torch.float64),
+                               torch.tensor(eager.losses, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fast.image, eager.image, rtol=0, atol=1e-9)
+
+
 def test_compile_off_runs_no_compiler_and_equals_the_default_path(face_setup):
     flow, cond, objective, noise = face_setup
     config = GuidanceConfig(iterations=2, scale=1.0)
