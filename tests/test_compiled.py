@@ -10,6 +10,7 @@ by > 1e-3).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def face_setup(tmp_path_factory):
     return flow, flow.encode(["x", "x"], [], 1.0), objective, noise
 
 
-def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup):
+def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup, caplog):
+    caplog.set_level(logging.INFO, logger=compiled.__name__)
     flow, cond, objective, noise = face_setup
     recognizer = objective.models.recognizer
     config = GuidanceConfig(iterations=3, scale=1.0)
@@ -83,6 +85,10 @@ def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup
     first = compiled.compile_counters()
     assert first["unique_graphs"] > before["unique_graphs"]  # it did compile
     assert objective.models.recognizer is recognizer  # the eager recognizer is back after the run
+    notices = [r.getMessage() for r in caplog.records]
+    assert any(f"compiling for {SIZE}x{SIZE}, batch 2, 3 steps (first run only" in m for m in notices)
+    assert any(m.startswith("RectifID: first compiled run took") for m in notices)
+    caplog.clear()
 
     torch.testing.assert_close(torch.tensor(fast.losses, dtype=torch.float64),
                                torch.tensor(eager.losses, dtype=torch.float64), rtol=1e-9, atol=1e-9)
@@ -93,6 +99,7 @@ def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup
 
     again = guide(flow, cond, objective, noise, dataclasses.replace(config, compile="on"))
     assert compiled.compile_counters() == first  # same shape, same models: nothing compiled again
+    assert not caplog.records  # and no compile notice
     assert again.losses == fast.losses
 
 
