@@ -12,15 +12,16 @@ to tell the user once that the first run compiles. Inductor's FX graph cache liv
 folder under the user's cache (`cache_dir`), so after a restart the kernels are loaded, not built.
 
 The crop/warp of the face objective (keypoints come from the detector on the host each iteration)
-stays eager: one grid_sample, negligible next to the recognizer it feeds.
+stays eager: one grid_sample, negligible next to the recognizer it feeds. So do the encoders of the
+object (DINOv2) and CLIP objectives: only face recognizers are found (`recognizers`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import time
-import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,20 +94,20 @@ def _decode(flow: RectifiedFlow, z: torch.Tensor) -> torch.Tensor:
     return flow.decode(z)
 
 
-_compiled_calls: dict[str, tuple[Any, Any]] = {}
+_session: dict[tuple[str, str], Any] = {}
 
 
-def _compiled_flow_calls(device: torch.device) -> tuple[Any, Any]:
-    """The session's compiled step and decode for a device type.
+def _compiled(fn: Any, device: torch.device) -> Any:
+    """The session's one torch.compile wrapper of `fn` for a device type.
 
     Made once: dynamo ties what it compiled to the torch.compile call that made it, so a new wrapper
-    per run would compile again. The flow is an argument, not a bound `self`, so a flow re-created
-    over the same models (`with_steps`) passes the same guards and reuses the graphs.
+    per run would compile again. Models are arguments, not a bound `self`, so a flow re-created over
+    the same models (`with_steps`) passes the same guards and reuses the graphs.
     """
-    if device.type not in _compiled_calls:
-        options = _compile_options(device)
-        _compiled_calls[device.type] = (torch.compile(_step, **options), torch.compile(_decode, **options))
-    return _compiled_calls[device.type]
+    key = (fn.__name__, device.type)
+    if key not in _session:
+        _session[key] = torch.compile(fn, **_compile_options(device))
+    return _session[key]
 
 
 class CompiledFlow:
@@ -119,7 +120,7 @@ class CompiledFlow:
     def __init__(self, flow: RectifiedFlow) -> None:
         self._flow = flow
         self._device = torch.device(flow.device)
-        self._step, self._decode = _compiled_flow_calls(self._device)
+        self._step, self._decode = _compiled(_step, self._device), _compiled(_decode, self._device)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._flow, name)
@@ -136,45 +137,36 @@ class CompiledFlow:
         return self._own(self._decode(self._flow, z))
 
 
-_compiled_modules: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+def _forward(module: torch.nn.Module, *args: Any) -> Any:
+    return type(module).forward(module, *args)
 
 
-def _compiled_module(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """One compiled wrapper per module for the session (the same wrapper reuses dynamo's graphs)."""
-    if module not in _compiled_modules:
-        _compiled_modules[module] = torch.compile(module, **_compile_options(device))
-    return _compiled_modules[module]
-
-
-def recognizer_slots(objective: Any) -> list[tuple[Any, str]]:
-    """(holder, attribute) of every recognizer the objective runs on generated images.
+def recognizers(objective: Any) -> list[torch.nn.Module]:
+    """Every recognizer the objective runs on generated images.
 
     Face objectives hold FaceModels (`models.recognizer`), also inside a multi-subject objective
     (`subjects`); the benchmark's recognizer objective holds `net`.
     """
-    slots: list[tuple[Any, str]] = []
-    seen: set[int] = set()
+    found: dict[int, torch.nn.Module] = {}
     for part in [objective, *getattr(objective, "subjects", [])]:
-        for holder, name in ((getattr(part, "models", None), "recognizer"), (part, "net")):
-            module = getattr(holder, name, None)
-            if isinstance(module, torch.nn.Module) and id(module) not in seen:
-                seen.add(id(module))
-                slots.append((holder, name))
-    return slots
+        for module in (getattr(getattr(part, "models", None), "recognizer", None), getattr(part, "net", None)):
+            if isinstance(module, torch.nn.Module):
+                found.setdefault(id(module), module)
+    return list(found.values())
 
 
 @contextmanager
 def compiled_recognizers(objective: Any, device: torch.device | str) -> Iterator[int]:
-    """Swap the objective's recognizers for their compiled wrappers for the duration; yields how many."""
-    slots = recognizer_slots(objective)
-    originals = [getattr(holder, name) for holder, name in slots]
+    """Run the objective's recognizers' forward compiled for the duration (the modules stay the same objects)."""
+    modules = recognizers(objective)
+    forward = _compiled(_forward, torch.device(device))
     try:
-        for (holder, name), module in zip(slots, originals):
-            setattr(holder, name, _compiled_module(module, torch.device(device)))
-        yield len(slots)
+        for module in modules:
+            module.forward = functools.partial(forward, module)
+        yield len(modules)
     finally:
-        for (holder, name), module in zip(slots, originals):
-            setattr(holder, name, module)
+        for module in modules:
+            module.__dict__.pop("forward", None)
 
 
 _seen_shapes: set[tuple[Any, ...]] = set()
