@@ -159,7 +159,8 @@ def test_unusable_compile_setups_are_named(monkeypatch):
 
 
 def test_cli_and_node_pass_compile_on(monkeypatch, tmp_path, capsys):
-    """--compile and the sampler's last input reach the solver: with no C++ compiler both stop with its name."""
+    """--compile and the sampler's last input reach the solver: with no C++ compiler both stop with its name;
+    with one, the node (under inference mode, as in ComfyUI) gives the eager images."""
     import comfy_executor as ce
     from rectifid_core.cli import main
 
@@ -181,6 +182,11 @@ def test_cli_and_node_pass_compile_on(monkeypatch, tmp_path, capsys):
     flow = PixelFlow()
     flow.latent_shape = lambda b, h, w: (b, 3, h, w)
     bundle = pack.nodes.common.ObjectiveBundle(lambda image: image.mean(dim=(1, 2, 3)), ["x"])
+    args = ("a photo", "", SIZE, SIZE, 0, 0, 2, 1.0, 1.0, "per_window", "anchored", "store", 1)
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
-        sampler().sample(flow, bundle, "a photo", "", SIZE, SIZE, 0, 0, 1, 1.0, 1.0, "per_window", "anchored",
-                         "store", 1, "on")
+        sampler().sample(flow, bundle, *args, "on")
+    monkeypatch.undo()
+    with torch.inference_mode():  # as ComfyUI runs nodes
+        eager, *_ = sampler().sample(flow, bundle, *args, "off")
+        fast, *_ = sampler().sample(flow, bundle, *args, "on")
+    torch.testing.assert_close(fast, eager, rtol=0, atol=1e-6)  # ComfyUI images are float32
