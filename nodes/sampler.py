@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rectifid_core.compiled import COMPILE_MODES
 from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo,
                                     estimate_guidance_bytes, memory_family, resolve_memory_mode)
 from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize, resolve_settings
@@ -147,6 +148,13 @@ class RectifIDSampler:
                            "the chosen mode needs is freed from ComfyUI's models."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images generated together from one seed (each gets its own noise)."}),
+            "compile": (list(COMPILE_MODES), {
+                "default": "off",
+                "tooltip": "on runs each guidance iteration through torch.compile (CUDA graphs on an NVIDIA GPU; "
+                           "needs Triton there, a C++ compiler on the CPU). The first run of an image size, batch "
+                           "and step count compiles (the console says so; minutes), later runs of the session reuse "
+                           "it and kernels stay cached under ~/.cache/rectifid/torch_compile across restarts. Same "
+                           "images as off up to float rounding. off (the default) until GPU timings show the gain."}),
         }}
 
     RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE", "STRING")
@@ -163,7 +171,7 @@ class RectifIDSampler:
 
     def sample(self, flow: Any, objective: ObjectiveBundle, positive: str, negative: str, width: int, height: int,
                seed: int, steps: int, iterations: int, guidance_scale: float, cfg: float, ck_mode: str,
-               solver: str, memory: str, batch_size: int) -> tuple:
+               solver: str, memory: str, batch_size: int, compile: str = "off") -> tuple:
         if not isinstance(objective, ObjectiveBundle):
             raise TypeError(f"objective must come from a RectifID subject or 'Match Subjects' node, "
                             f"got {type(objective).__name__}")
@@ -172,7 +180,7 @@ class RectifIDSampler:
             prompt=positive, negative_prompt=negative, width=_auto(int(width)), height=_auto(int(height)),
             seed=int(seed), batch_size=int(batch_size), cfg_scale=_auto(float(cfg)), num_steps=_auto(int(steps)),
             guidance=GuidanceConfig(scale=_auto(float(guidance_scale)), iterations=int(iterations), mode=solver,
-                                    ck_mode=ck_mode, memory=memory))
+                                    ck_mode=ck_mode, memory=memory, compile=compile))
         settings = resolve_settings(asked, flow, objective.objective)
         if memory == "auto":  # ComfyUI's count of free VRAM includes what its caches can give back
             shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .compiled import check_compile_support, show_compile_progress
 from .devices import parse_device
 from .guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes,
                        memory_family)
@@ -136,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoder's in the backward pass; checkpoint: recompute all of them (least VRAM of the three, "
                         "slowest); lowest: also one CFG half at a time; auto: the fastest of store, recompute_vae, "
                         "checkpoint that fits in free GPU memory (default)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the guidance iteration through torch.compile (CUDA graphs on CUDA); the first run of "
+                        "a size compiles (minutes), later runs reuse the kernels cached under "
+                        "~/.cache/rectifid/torch_compile")
 
     o = p.add_argument_group("output")
     o.add_argument("--output", type=Path, default=Path("rectifid.png"),
@@ -267,6 +272,13 @@ def run(args: argparse.Namespace) -> dict:
                    _check_dir(args.owlvit, "--owlvit", "an object subject")) if "object" in kinds else None
     clip_dir = _check_dir(args.clip, "--clip", "a clip subject") if "clip" in kinds else None
     device = parse_device(args.device, "--device")
+    if args.compile:  # before anything is loaded
+        try:
+            check_compile_support(device)
+        except RuntimeError as exc:
+            raise UsageError(str(exc)) from exc
+        if not args.quiet:  # the first-run compile notice and its duration
+            show_compile_progress()
     check_writable(args.output, "--output")
     check_image_format(args.output, "--output")
     if args.history is not None:
@@ -307,14 +319,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.scale is not None and not math.isfinite(args.scale):
         raise UsageError(f"--scale must be finite, got {args.scale}")
     config = GuidanceConfig(scale=args.scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
-                            memory=args.memory)
+                            memory=args.memory, compile="on" if args.compile else "off")
 
     paths = output_paths(args.output, len(args.prompt), args.batch_size)
     history = {"flow": str(flow_dir), "subjects": [{**asdict(s), "images": [str(p) for p in s.images]}
                                                    for s in specs],
                "settings": {"seed": args.seed, "width": args.width, "height": args.height,
                             "steps": args.steps, "iterations": args.iterations, "scale": args.scale, "cfg": args.cfg,
-                            "ck_mode": args.ck_mode, "solver": args.solver, "negative": args.negative},
+                            "ck_mode": args.ck_mode, "solver": args.solver, "negative": args.negative,
+                            "compile": args.compile},
                "runs": []}
     for i, prompt in enumerate(args.prompt):
         settings = PersonalizeSettings(prompt=prompt, negative_prompt=args.negative, width=args.width,

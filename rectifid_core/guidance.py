@@ -56,12 +56,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from .compiled import COMPILE_MODES, compiled_run
 from .flows.base import Conditioning, RectifiedFlow
 from .objectives.base import Objective, as_output
 from .parallel_rescaling import SIGN_CONVENTIONS, prompt_directions, rescale_parallel
@@ -88,6 +90,7 @@ class GuidanceConfig:
     offset_momentum: float = 0.5  # anchored_momentum only
     parallel_rescale: float = 1.0  # factor on the step's part parallel to the prompt direction; 1 = RectifID
     parallel_sign: str = "opposing"  # which parallel parts are rescaled (parallel_rescaling.py)
+    compile: str = "off"  # one of COMPILE_MODES: "on" runs the iteration through torch.compile (compiled.py)
 
     def validate(self) -> None:
         if self.mode not in SOLVER_MODES:
@@ -96,6 +99,8 @@ class GuidanceConfig:
             raise ValueError(f"unknown c_k mode {self.ck_mode!r}; choose one of {', '.join(CK_MODES)}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {self.memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile option {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"iterations N must be an integer >= 0, got {self.iterations!r}")
         for name in ("momentum", "offset_momentum"):
@@ -319,7 +324,8 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
     flow.set_memory_saving(memory != "store", split_cfg=memory == "lowest")
     try:
-        return _solve(flow, cond, objective, noise, config, memory, callback, interrupt)
+        with compiled_run(flow, objective, tuple(noise.shape)) if config.compile == "on" else nullcontext(flow) as run:
+            return _solve(run, cond, objective, noise, config, memory, callback, interrupt)
     finally:
         flow.set_memory_saving(False)
 

@@ -81,7 +81,7 @@ def test_sampler_inputs_and_outputs():
     sampler = CLASSES["RectifIDSampler"]
     req = sampler.INPUT_TYPES()["required"]
     assert list(req) == ["flow", "objective", "positive", "negative", "width", "height", "seed", "steps", "iterations",
-                         "guidance_scale", "cfg", "ck_mode", "solver", "memory", "batch_size"]
+                         "guidance_scale", "cfg", "ck_mode", "solver", "memory", "batch_size", "compile"]
     for name in ("width", "height", "steps", "guidance_scale", "cfg"):
         assert req[name][1]["default"] == 0 and req[name][1]["min"] == 0, name  # 0 = auto
         assert "0 = auto" in req[name][1]["tooltip"], name

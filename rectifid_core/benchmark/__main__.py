@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the solver compiled (GuidanceConfig.compile='on'); the first image includes compiling")
+    p.add_argument("--faces", default="", help="antelopev2 folder: the face objective with SCRFD in the loop "
+                                               "(default: the recognizer alone on the whole image)")
+    p.add_argument("--reference", default="", help="reference photo for --faces")
     p.add_argument("--out", default="rectifid_core/benchmark/results")
     p.add_argument("--name", help="result file stem (default: preset_device_dtype)")
     return p
@@ -55,11 +60,13 @@ def main(argv: list[str]) -> int:
     for memory in args.memory:
         s = BenchSettings(**base, batch=args.batch, windows=args.windows, iterations=args.iterations,
                           floor_repeats=args.floor_repeats, dtype=args.dtype, device=args.device, memory=memory,
-                          mode=args.mode, channels_last=args.channels_last, threads=args.threads)
+                          mode=args.mode, channels_last=args.channels_last, threads=args.threads,
+                          compile="on" if args.compile else "off", faces=args.faces, reference=args.reference)
         s.validate()
         print(f"measuring {asdict(s)}", file=sys.stderr, flush=True)
         results.append(measure_in_subprocess(s))
-    name = args.name or f"{args.preset}_{args.device.replace(':', '')}_{args.dtype}"
+    name = args.name or (f"{args.preset}_{args.device.replace(':', '')}_{args.dtype}"
+                         + ("_faces" if args.faces else "") + ("_compile" if args.compile else ""))
     json_path, md_path = write_results(results, args.out, name)
     print(markdown_table(results))
     print(f"wrote {json_path} and {md_path}")

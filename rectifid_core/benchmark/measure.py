@@ -63,6 +63,9 @@ class BenchSettings:
     cfg_scale: float = 4.5
     seed: int = 0
     threads: int = 1  # torch CPU threads (1: least sensitive to other jobs on the cores); 0 = torch default
+    compile: str = "off"  # GuidanceConfig.compile
+    faces: str = ""  # antelopev2 folder: the real face objective (SCRFD in the loop) instead of the recognizer alone
+    reference: str = ""  # the reference photo for `faces`
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:
@@ -71,6 +74,10 @@ class BenchSettings:
             raise ValueError(f"need >= 2 timed iterations (the first is warm-up), got {self.iterations}")
         if self.floor_repeats < 1:
             raise ValueError(f"floor_repeats must be >= 1, got {self.floor_repeats}")
+        if self.faces and self.channels_last:
+            raise ValueError("--channels-last converts the benchmark's own recognizer; leave it out with --faces")
+        if bool(self.faces) != bool(self.reference):
+            raise ValueError("--faces and --reference go together: the face objective needs a reference photo")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {self.device!r} requested but torch sees no CUDA device")
 
@@ -175,6 +182,26 @@ def activation_bytes(models: BenchModels, cond: Any, noise: torch.Tensor) -> dic
         }
 
 
+def face_objective(s: BenchSettings, dtype: torch.dtype) -> Any:
+    """The real face objective: SCRFD (onnxruntime) in the loop, the pack's ArcFace on the benchmark's device."""
+    from ..images import load_image
+    from ..objectives import FaceIdentityObjective, load_face_models
+
+    models = load_face_models(s.faces, provider="auto", device=s.device)
+    models.recognizer.to(dtype)
+    return FaceIdentityObjective(models, load_image(s.reference))
+
+
+def user_wait_seconds(flow: Any, cond: Any, objective: Any, noise: torch.Tensor, config: GuidanceConfig,
+                      device: torch.device) -> dict[str, float]:
+    """What a user waits for, in a fresh process: the first image (compilation included when compile is on),
+    the next image of the same size, and plain sampling (no guidance) with the same settings, warm."""
+    first = _time(lambda: guide(flow, cond, objective, noise, config), device)
+    second = _time(lambda: guide(flow, cond, objective, noise, config), device)
+    plain = _time(lambda: guide(flow, cond, objective, noise, replace(config, iterations=0)), device)
+    return {"first_image_seconds": first, "next_image_seconds": second, "plain_sampling_seconds": plain}
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import diffusers
     import transformers
@@ -194,12 +221,15 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
     dtype = DTYPES[s.dtype]
     models = build_models(s.family, s.width_scale, s.windows, s.device, dtype, s.seed)
     flow = models.flow
+    if s.faces:
+        models.objective = face_objective(s, dtype)
     if s.channels_last:
         for module in (flow.components.unet, flow.components.vae, models.objective.net):
             module.to(memory_format=torch.channels_last)
     cond = flow.encode(["a photo of a person"] * s.batch, [""], s.cfg_scale)
     noise = initial_noise(flow.latent_shape(s.batch, s.size, s.size), s.seed, device, dtype)
-    config = GuidanceConfig(scale=1.0, iterations=s.iterations, mode=s.mode, memory=s.memory)
+    config = GuidanceConfig(scale=1.0, iterations=s.iterations, mode=s.mode, memory=s.memory, compile=s.compile)
+    waits = user_wait_seconds(flow, cond, models.objective, noise, config, device)  # first: the process is cold
 
     iteration_times: list[float] = []
     floor_times: list[float] = []
@@ -255,6 +285,7 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
         "floor_seconds": floor,
         "floor_times": floor_times,
         "overhead": statistics.median(i / f for i, f in zip(iteration_times, floor_times)),
+        **waits,
         "cuda_peak_allocated_bytes": peak_alloc,
         "cuda_peak_above_start_bytes": None if peak_alloc is None else peak_alloc - base_alloc,
         "cpu_profiled_peak_bytes": profiled,

@@ -30,7 +30,29 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             "ratio to the floor pass run right after it (drifts of a shared machine's load cancel). CPU memory: "
             "peak of live torch allocations in one iteration (profiler accounting) and peak RSS growth of the "
             "fresh process during two iterations.\n")
-    return head + "\n".join(rows) + "\n" + note
+    return head + "\n".join(rows) + "\n" + note + waits_table(results)
+
+
+def waits_table(results: list[dict[str, Any]]) -> str:
+    """What a user waits for, each number beside its comparison: plain sampling, the first image (compilation
+    included), the next one; empty for results measured before these were recorded."""
+    timed = [r for r in results if "first_image_seconds" in r]
+    if not timed:
+        return ""
+    rows = ["\n| family | size | memory | compile | objective | N | plain sampling s | first image s | next image s "
+            "| s/it | floor s (eager) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        s = r["settings"]
+        objective = "face (SCRFD in the loop)" if s.get("faces") else "recognizer only"
+        rows.append(
+            f"| {s['family']} | {s['size']} | {r.get('memory_resolved', s['memory'])} | {s.get('compile', 'off')} "
+            f"| {objective} | {s['iterations']} | {r['plain_sampling_seconds']:.3f} | {r['first_image_seconds']:.3f} "
+            f"| {r['next_image_seconds']:.3f} | {r['seconds_per_iteration']:.4f} | {r['floor_seconds']:.4f} |")
+    note = ("\nFirst image: the first guide() call of a fresh process (N iterations + the final pass; compilation "
+            "included with compile on); next image: the same call again; plain sampling: the same settings with "
+            "N=0, warm. The floor is always eager, so with compile on overhead < 1 is the compiled speed-up.\n")
+    return "\n".join(rows) + "\n" + note
 
 
 def write_results(results: list[dict[str, Any]], out_dir: str | Path, name: str) -> tuple[Path, Path]:
