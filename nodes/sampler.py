@@ -160,10 +160,10 @@ class RectifIDSampler:
     RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE", "STRING")
     RETURN_NAMES = ("images", "latent", "history_plot", "report")
     OUTPUT_TOOLTIPS = ("The personalized images.",
-                       "Their latents (SD-scaled, for VAE Decode or further sampling).",
+                       "Their latents in ComfyUI's LATENT scale (for VAE Decode or another sampler).",
                        "Loss and similarity per iteration.",
                        "The run in words: settings used (auto values resolved), every subject's final similarity "
-                       "and any warning (e.g. a subject that was never found). Connect a 'Preview Any' node.")
+                       "and any warning (e.g. a subject that was never found). Connect a 'Preview as Text' (PreviewAny) node.")
     FUNCTION = "sample"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Generates images that keep the reference subject's identity by anchored classifier guidance "
@@ -204,4 +204,4 @@ class RectifIDSampler:
         for line in lines:  # the console shows warnings even where the report is not connected
             logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "RectifID: %s", line)
         plot = plot_history(result.losses, result.similarities)
-        return (image_to_comfy(result.images), {"samples": result.latent}, image_to_comfy(plot), "\n".join(lines))
+        return (image_to_comfy(result.images), {"samples": flow.vae_latent(result.latent)}, image_to_comfy(plot), "\n".join(lines))

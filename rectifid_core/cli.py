@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -112,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selection", default="insightface", choices=[c for c in FACE_SELECTIONS if c != "mask"],
                    help="single face subject: which face of each reference and of the generated image is used "
                         "(default insightface: its own ranking, as RectifID's code)")
+    s.add_argument("--index", type=int, default=0,
+                   help="with --selection index: which face, counted from the left from 0 (-1 = rightmost)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", action="append", required=True, help="prompt; repeat for several outputs")
@@ -252,6 +253,12 @@ def _save_png(image: torch.Tensor, path: Path) -> None:
     Image.fromarray(array).save(path)
 
 
+def _settings(args: argparse.Namespace, prompt: str, config: GuidanceConfig) -> PersonalizeSettings:
+    return PersonalizeSettings(prompt=prompt, negative_prompt=args.negative, width=args.width, height=args.height,
+                               seed=args.seed, batch_size=args.batch_size, cfg_scale=args.cfg, num_steps=args.steps,
+                               guidance=config)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Load everything once, then personalize every prompt; returns the history written to JSON."""
     from .flows import load_flow
@@ -265,6 +272,13 @@ def run(args: argparse.Namespace) -> dict:
                          f"{len(specs)} subjects")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
+    config = GuidanceConfig(scale=args.scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
+                            memory=args.memory, compile="on" if args.compile else "off")
+    try:  # numbers are checked before minutes of loading; auto values (None) are resolved later
+        for prompt in args.prompt:
+            _settings(args, prompt, config).validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     flow_dir = _check_dir(args.flow, "--flow", "the flow")
     kinds = {s.kind for s in specs}
     faces_dir = _check_dir(args.faces, "--faces", "a face subject") if "face" in kinds else None
@@ -312,14 +326,11 @@ def run(args: argparse.Namespace) -> dict:
     for spec in specs:
         refs = [t for path in spec.images for t in references[path].split(1)]
         objectives.append(subject_objective(discriminators[spec.kind], refs, label=spec.label,
-                                            selection=args.selection, l1_weight=args.l1_weight))
+                                            selection=args.selection, index=args.index,
+                                            l1_weight=args.l1_weight))
     labels = unique_labels([s.label for s in specs])
     objective = objectives[0] if len(specs) == 1 else multi_subject_objective(
         objectives, [s.kind for s in specs], labels, args.weight)
-    if args.scale is not None and not math.isfinite(args.scale):
-        raise UsageError(f"--scale must be finite, got {args.scale}")
-    config = GuidanceConfig(scale=args.scale, iterations=args.iterations, mode=args.solver, ck_mode=args.ck_mode,
-                            memory=args.memory, compile="on" if args.compile else "off")
 
     paths = output_paths(args.output, len(args.prompt), args.batch_size)
     history = {"flow": str(flow_dir), "subjects": [{**asdict(s), "images": [str(p) for p in s.images]}
@@ -330,9 +341,7 @@ def run(args: argparse.Namespace) -> dict:
                             "compile": args.compile},
                "runs": []}
     for i, prompt in enumerate(args.prompt):
-        settings = PersonalizeSettings(prompt=prompt, negative_prompt=args.negative, width=args.width,
-                                       height=args.height, seed=args.seed, batch_size=args.batch_size,
-                                       cfg_scale=args.cfg, num_steps=args.steps, guidance=config)
+        settings = _settings(args, prompt, config)
         progress = StderrProgress(f"[{i + 1}/{len(args.prompt)}]", not args.quiet)
         result = personalize(flow, objective, settings, callback=progress, labels=labels)
         progress.done()

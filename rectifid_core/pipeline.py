@@ -242,8 +242,12 @@ def auto_dtype(device: torch.device | str) -> str:
     return "fp16" if torch.device(device).type == "cuda" else "fp32"
 
 
-def _missing(exc: ImportError, what: str) -> RuntimeError:
-    return RuntimeError(f"{what} needs the Python package '{exc.name or exc}', which is not installed; {INSTALL_HINT}")
+def _missing(exc: ImportError, what: str) -> ImportError:
+    """A missing package as the user must read it; our own ImportErrors already say what to install."""
+    if not exc.name:
+        return ImportError(f"{what}: {exc}; or {INSTALL_HINT}")
+    return ImportError(f"{what} needs the Python package '{exc.name}', which is not installed; {INSTALL_HINT}",
+                       name=exc.name)
 
 
 def load_face_discriminator(path: str | os.PathLike, provider: str = "auto",

@@ -98,3 +98,38 @@ def test_module_entry_point_prints_help():
     proc = subprocess.run([sys.executable, "-m", "rectifid_core", "--help"], capture_output=True, text=True,
                           cwd=str(ce.REPO), timeout=120)
     assert proc.returncode == 0 and "--subject" in proc.stdout and "KIND[:LABEL]=IMAGE" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--batch-size", "0"], "batch size must be an integer >= 1"),
+    (["--iterations", "-1"], "iterations N must be an integer >= 0"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--cfg", "0.5"], "CFG scale must be a finite number >= 1"),
+    (["--scale", "nan"], "guidance scale s must be a finite number >= 0"),
+])
+def test_bad_numbers_are_refused_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, extra, message):
+    import rectifid_core.cli as cli
+
+    root, folder = setup
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(cli, "load_face_discriminator", no_loading)
+    status = main(["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces",
+                   str(root / "insightface"), "--device", "cpu", "--subject", f"face={folder / 'alice.png'}",
+                   "--prompt", "a photo", "--output", str(tmp_path / "x.png")] + extra)
+    err = capsys.readouterr().err
+    assert status == 2 and message in err, err
+
+
+def test_a_missing_package_is_a_one_line_error(setup, tmp_path, monkeypatch, capsys):
+    root, folder = setup
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
+    status = main(["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces",
+                   str(root / "insightface"), "--device", "cpu", "--detector", "onnxruntime",
+                   "--subject", f"face={folder / 'alice.png'}", "--prompt", "a photo", "--output",
+                   str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert status == 2 and "rectifid: error: loading the face models" in err and "onnxruntime" in err, err
+    assert "Traceback" not in err and "needs the Python package 'the" not in err

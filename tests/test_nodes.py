@@ -207,5 +207,5 @@ def test_pack_imports_without_insightface_and_onnxruntime(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["nodes"] == sorted(CLASSES)
     assert out["blocked_loaded"] == []
-    assert out["error"].startswith("RuntimeError") and "onnxruntime" in out["error"]
+    assert out["error"].startswith("ImportError") and "onnxruntime" in out["error"]
     assert "pip install -r requirements.txt" in out["error"]

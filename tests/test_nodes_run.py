@@ -78,9 +78,11 @@ def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(m
         prompt=args["positive"], width=16, height=24, seed=11, batch_size=2, cfg_scale=1.0, num_steps=None,
         guidance=GuidanceConfig(scale=1.0, iterations=1)), labels=["alice"])
     torch.testing.assert_close(images, expected.images.permute(0, 2, 3, 1))
-    with torch.no_grad():
-        decoded = flow.decode(latent["samples"])  # LATENT carries what SD's VAE Decode expects
+    with torch.no_grad():  # ComfyUI's VAE Decode hands LATENT to the decoder as it is, unscaled
+        decoded = flow.components.vae.decode(latent["samples"]).sample.div(2).add(0.5).clamp(0, 1)
     torch.testing.assert_close(decoded.permute(0, 2, 3, 1), images, atol=1e-5, rtol=0)
+    scaling = flow.components.vae.config.scaling_factor
+    torch.testing.assert_close(latent["samples"] * scaling, expected.latent)  # diffusers' latent is scaled
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
     lines = report.splitlines()
     used = expected.settings

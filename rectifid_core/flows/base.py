@@ -67,6 +67,11 @@ class RectifiedFlow(ABC):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Final latent -> image [B,3,H,W] in 0..1; differentiable."""
 
+    def vae_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The final latent as the decoder's own input (what ComfyUI's LATENT holds); flows whose
+        latent is already that return it as it is."""
+        return z
+
     @abstractmethod
     def window_gammas(self) -> list[float] | None:
         """Per-window gamma_k = sqrt(abar_start/abar_end), or None for a plain Euler flow."""

@@ -192,12 +192,15 @@ class StableDiffusionFlow(RectifiedFlow):
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.expand(x.shape[0], 6)}
         return self.components.unet(x, t, encoder_hidden_states=embeds, **kwargs).sample.to(z.dtype)
 
+    def vae_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """z in the VAE's own scale: diffusers keeps latents multiplied by scaling_factor (minus shift_factor),
+        ComfyUI's LATENT and its VAE Decode do not."""
+        config = self.components.vae.config
+        latent = z / config.scaling_factor
+        shift = getattr(config, "shift_factor", None)
+        return latent if shift is None else latent + shift
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """VAE decode to [B,3,H,W] float32 in 0..1, clamped like the diffusers image postprocessing."""
-        vae = self.components.vae
-        latent = z.to(self.vae_dtype) / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            latent = latent + shift
-        image = vae.decode(latent).sample
+        image = self.components.vae.decode(self.vae_latent(z.to(self.vae_dtype))).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
