@@ -80,9 +80,9 @@ def check_compile_support(device: torch.device | str) -> None:
         raise RuntimeError(f"compile 'on' supports CUDA and CPU devices, not {device.type!r}; turn compile off")
 
 
-def _compile_options(device: torch.device) -> dict[str, Any]:
-    # CUDA graphs only on CUDA; elsewhere plain inductor
-    mode = "reduce-overhead" if device.type == "cuda" else None
+def _compile_options(device: torch.device, cuda_graphs: bool) -> dict[str, Any]:
+    # CUDA graphs only on CUDA (and where asked); elsewhere plain inductor
+    mode = "reduce-overhead" if device.type == "cuda" and cuda_graphs else None
     return {"mode": mode, "dynamic": False, "fullgraph": False}
 
 
@@ -97,16 +97,16 @@ def _decode(flow: RectifiedFlow, z: torch.Tensor) -> torch.Tensor:
 _session: dict[tuple[str, str], Any] = {}
 
 
-def _compiled(fn: Any, device: torch.device) -> Any:
+def _compiled(fn: Any, device: torch.device, cuda_graphs: bool = True) -> Any:
     """The session's one torch.compile wrapper of `fn` for a device type.
 
     Made once: dynamo ties what it compiled to the torch.compile call that made it, so a new wrapper
     per run would compile again. Models are arguments, not a bound `self`, so a flow re-created over
     the same models (`with_steps`) passes the same guards and reuses the graphs.
     """
-    key = (fn.__name__, device.type)
+    key = (fn.__name__, device.type, cuda_graphs)
     if key not in _session:
-        _session[key] = torch.compile(fn, **_compile_options(device))
+        _session[key] = torch.compile(fn, **_compile_options(device, cuda_graphs))
     return _session[key]
 
 
@@ -117,19 +117,21 @@ class CompiledFlow:
     a UNet call), so tensors the solver keeps across iterations are not overwritten by the next replay.
     """
 
-    def __init__(self, flow: RectifiedFlow) -> None:
+    def __init__(self, flow: RectifiedFlow, cuda_graphs: bool = True) -> None:
         self._flow = flow
         self._device = torch.device(flow.device)
-        self._step, self._decode = _compiled(_step, self._device), _compiled(_decode, self._device)
+        self._graphs = cuda_graphs and self._device.type == "cuda"
+        self._step = _compiled(_step, self._device, cuda_graphs)
+        self._decode = _compiled(_decode, self._device, cuda_graphs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._flow, name)
 
     def _own(self, out: torch.Tensor) -> torch.Tensor:
-        return out.clone() if self._device.type == "cuda" else out
+        return out.clone() if self._graphs else out
 
     def step(self, z: torch.Tensor, k: int, cond: Conditioning) -> torch.Tensor:
-        if k == 0 and self._device.type == "cuda":
+        if k == 0 and self._graphs:
             torch.compiler.cudagraph_mark_step_begin()  # a new rollout: earlier replays' outputs may be reused
         return self._own(self._step(self._flow, z, k, cond))
 
@@ -200,18 +202,19 @@ def show_compile_progress() -> None:
 
 
 def compile_counters() -> dict[str, int]:
-    """Dynamo's session counters: frames it compiled and graphs it produced (tests and the benchmark read them)."""
+    """Dynamo's session counters: frames it compiled and graphs it produced (the tests read them)."""
     from torch._dynamo.utils import counters
 
     return {"frames_ok": int(counters["frames"]["ok"]), "unique_graphs": int(counters["stats"]["unique_graphs"])}
 
 
 @contextmanager
-def compiled_run(flow: RectifiedFlow, objective: Any, shape: tuple[int, ...]) -> Iterator[RectifiedFlow]:
+def compiled_run(flow: RectifiedFlow, objective: Any, shape: tuple[int, ...],
+                 cuda_graphs: bool = True) -> Iterator[RectifiedFlow]:
     """The flow to run compiled, with the objective's recognizers compiled, for one guidance run.
 
     Logs the first-run compile notice; the caller's callback sees the first iteration's time, which
-    includes the compilation.
+    includes the compilation. `cuda_graphs=False` keeps plain inductor kernels on CUDA too.
     """
     check_compile_support(flow.device)
     use_cache_dir()
@@ -223,6 +226,6 @@ def compiled_run(flow: RectifiedFlow, objective: Any, shape: tuple[int, ...]) ->
               "accumulated_recompile_limit": max(RECOMPILE_LIMIT * 4,
                                                  torch._dynamo.config.accumulated_recompile_limit)}
     with torch._dynamo.config.patch(**limits), compiled_recognizers(objective, flow.device):
-        yield CompiledFlow(flow)
+        yield CompiledFlow(flow, cuda_graphs)
     if message:
         logger.info("RectifID: first compiled run took %.1f s (compilation included)", time.perf_counter() - started)

@@ -324,7 +324,11 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
     memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
     flow.set_memory_saving(memory != "store", split_cfg=memory == "lowest")
     try:
-        with compiled_run(flow, objective, tuple(noise.shape)) if config.compile == "on" else nullcontext(flow) as run:
+        # memory "checkpoint" re-runs the compiled step from outside it in the backward pass, where replaying
+        # CUDA graphs is not safe: plain inductor kernels then (the other modes recompute inside the graph)
+        graphs = memory != "checkpoint"
+        with (compiled_run(flow, objective, tuple(noise.shape), graphs) if config.compile == "on"
+              else nullcontext(flow)) as run:
             return _solve(run, cond, objective, noise, config, memory, callback, interrupt)
     finally:
         flow.set_memory_saving(False)

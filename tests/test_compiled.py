@@ -9,6 +9,7 @@ by > 1e-3).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -190,3 +191,25 @@ def test_cli_and_node_pass_compile_on(monkeypatch, tmp_path, capsys):
         eager, *_ = sampler().sample(flow, bundle, *args, "off")
         fast, *_ = sampler().sample(flow, bundle, *args, "on")
     torch.testing.assert_close(fast, eager, rtol=0, atol=1e-6)  # ComfyUI images are float32
+
+
+def test_cuda_graphs_only_on_cuda_and_not_under_outer_recomputation(monkeypatch):
+    assert compiled._compile_options(torch.device("cuda"), True)["mode"] == "reduce-overhead"
+    assert compiled._compile_options(torch.device("cuda"), False)["mode"] is None
+    assert compiled._compile_options(torch.device("cpu"), True)["mode"] is None
+    import rectifid_core.guidance as guidance
+
+    asked = []
+
+    def record(flow, objective, shape, cuda_graphs=True):
+        asked.append(cuda_graphs)
+        return contextlib.nullcontext(flow)
+
+    monkeypatch.setattr(guidance, "compiled_run", record)
+    flow = PixelFlow()
+    cond = flow.encode(["x"], [""], 1.0)
+    noise = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float64)
+    for memory in ("store", "checkpoint"):
+        guidance.guide(flow, cond, lambda image: image.sum(dim=(1, 2, 3)), noise,
+                       guidance.GuidanceConfig(iterations=1, memory=memory, compile="on"))
+    assert asked == [True, False]

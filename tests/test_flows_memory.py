@@ -124,3 +124,24 @@ def test_every_mode_gives_the_stored_iterates_and_recomputes_each_activation_at_
             # layers may be skipped (fewer calls); none may run more often than one recomputation allows
             assert max(ratio) == expected[part], (memory, part, ratio)
             assert min(ratio) >= (n + 1 if part != "recognizer" else n), (memory, part, ratio)
+
+
+def test_lowest_recomputes_the_step_without_cfg_too(tiny64):
+    """At CFG 1 (SDXL PeRFlow's default) there are no halves to split: the one UNet call is recomputed."""
+    models, _, noise = tiny64
+    cond = models.flow.encode(["a photo of a person"], [""], 1.0)
+    calls = Counter()
+    handle = models.flow.components.unet.register_forward_pre_hook(lambda *_: calls.update(["unet"]))
+    try:
+        peaks = {}
+        for memory in ("store", "lowest"):
+            calls.clear()
+            peaks[memory] = profiled_peak_bytes(lambda: guide(models.flow, cond, models.objective, noise,
+                                                              GuidanceConfig(scale=1.0, iterations=1, memory=memory)))
+            peaks[memory + "_calls"] = calls["unet"]
+    finally:
+        handle.remove()
+    k = models.flow.num_steps
+    # store: K forwards + K in the final pass; lowest: each step's forward once more in the backward
+    assert (peaks["store_calls"], peaks["lowest_calls"]) == (2 * k, 3 * k)
+    assert peaks["lowest"] < peaks["store"]

@@ -37,6 +37,10 @@ class PeRFlow(StableDiffusionFlow):
         # raises for steps the scheduler cannot run before the models are moved anywhere
         self._substeps = perflow_substeps(num_windows, steps, self.num_train_timesteps)
         self.alphas_cumprod = alphas_cumprod(betas_from_config(scheduler_config))
+        # (t_s, t_e, abar_s, abar_e) per window as Python floats: read in every step, where a tensor read
+        # would be a host sync (and a graph break under torch.compile)
+        self._window_ends = [(*window_bounds(k, num_windows), *window_alphas(self.alphas_cumprod, k, num_windows))
+                             for k in range(num_windows)]
         self.scheduler_config = dict(scheduler_config)
         super().__init__(components, num_windows, device, dtype)
         self.prediction_type = prediction_type
@@ -89,8 +93,7 @@ class PeRFlow(StableDiffusionFlow):
         if not 0 <= i < self.num_steps:
             raise IndexError(f"step index {i} is out of range for {self.num_steps} steps")
         sub = self._substeps[i]
-        t_s, t_e = window_bounds(sub.window, self.num_windows)
-        abar_s, abar_e = window_alphas(self.alphas_cumprod, sub.window, self.num_windows)
+        t_s, t_e, abar_s, abar_e = self._window_ends[sub.window]
         out = self.predict(z, sub.timestep, cond)
         t_c = sub.timestep / self.num_train_timesteps
         v = perflow_velocity(out, z, self.prediction_type, t_c, t_s, t_e, abar_s, abar_e)

@@ -156,9 +156,12 @@ class StableDiffusionFlow(RectifiedFlow):
         if z.shape[0] != cond.batch:
             raise ValueError(f"latent batch {z.shape[0]} does not match the conditioning batch {cond.batch}")
         embeds, pooled = cond.tensors["embeds"], cond.tensors.get("pooled")
-        if cond.guidance_scale == 1.0:
+        recompute = self.split_cfg and torch.is_grad_enabled()  # the solver then leaves this step unwrapped
+        if cond.guidance_scale == 1.0:  # no CFG halves: the one call is what gets recomputed
+            if recompute:
+                return checkpoint(self._unet, z, timestep, embeds, pooled, use_reentrant=False)
             return self._unet(z, timestep, embeds, pooled)
-        if not (self.split_cfg and torch.is_grad_enabled()):
+        if not recompute:
             uncond, positive = self._unet(torch.cat([z, z]), timestep, embeds, pooled).chunk(2)
         else:
             b = cond.batch
