@@ -207,7 +207,8 @@ def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int, n
     f = flow.vae_scale_factor
     return (f"{w * f}x{h * f} with batch size {shape[0]} needs about {need[mode] / gib:.1f} GiB of GPU memory for "
             f"guidance (memory mode {mode}), but only {free_bytes / gib:.1f} GiB are free; use a smaller size or "
-            "batch size" + ("" if need[mode] <= need["checkpoint"] else ", or --memory checkpoint") + ", or close other GPU jobs")
+            "batch size" + ("" if need[mode] <= need["checkpoint"] else ", or --memory checkpoint")
+            + ", or close other GPU jobs")
 
 
 def output_paths(output: Path, prompts: int, batch: int) -> list[list[Path]]:

@@ -100,6 +100,14 @@ def test_module_entry_point_prints_help():
     assert proc.returncode == 0 and "--subject" in proc.stdout and "KIND[:LABEL]=IMAGE" in proc.stdout
 
 
+def _face_run(setup, tmp_path, *extra: str) -> list[str]:
+    """Arguments of a one-face run on the tiny models, plus `extra`."""
+    root, folder = setup
+    return ["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces", str(root / "insightface"),
+            "--device", "cpu", "--subject", f"face={folder / 'alice.png'}", "--prompt", "a photo",
+            "--output", str(tmp_path / "x.png"), *extra]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--batch-size", "0"], "batch size must be an integer >= 1"),
     (["--iterations", "-1"], "iterations N must be an integer >= 0"),
@@ -110,26 +118,18 @@ def test_module_entry_point_prints_help():
 def test_bad_numbers_are_refused_before_any_model_loads(setup, tmp_path, monkeypatch, capsys, extra, message):
     import rectifid_core.cli as cli
 
-    root, folder = setup
-
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")
 
     monkeypatch.setattr(cli, "load_face_discriminator", no_loading)
-    status = main(["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces",
-                   str(root / "insightface"), "--device", "cpu", "--subject", f"face={folder / 'alice.png'}",
-                   "--prompt", "a photo", "--output", str(tmp_path / "x.png")] + extra)
+    status = main(_face_run(setup, tmp_path, *extra))
     err = capsys.readouterr().err
     assert status == 2 and message in err, err
 
 
 def test_a_missing_package_is_a_one_line_error(setup, tmp_path, monkeypatch, capsys):
-    root, folder = setup
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
-    status = main(["--flow", str(root / "diffusers" / ce.MODEL_NAMES["diffusers"]), "--faces",
-                   str(root / "insightface"), "--device", "cpu", "--detector", "onnxruntime",
-                   "--subject", f"face={folder / 'alice.png'}", "--prompt", "a photo", "--output",
-                   str(tmp_path / "x.png")])
+    status = main(_face_run(setup, tmp_path, "--detector", "onnxruntime"))
     err = capsys.readouterr().err
     assert status == 2 and "rectifid: error: loading the face models" in err and "onnxruntime" in err, err
     assert "Traceback" not in err and "needs the Python package 'the" not in err
