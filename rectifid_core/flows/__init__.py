@@ -1,8 +1,9 @@
 """Rectified-flow backends behind one small interface (see base.py)."""
 from .base import Conditioning, RectifiedFlow
+from .denoiser import DenoiserFlow
 from .euler import EulerVelocityFlow
 from .loading import FLOW_TYPES, PREDICTION_TYPES, FlowFolderInfo, inspect_flow_folder, load_flow
 from .perflow import PeRFlow
 
-__all__ = ["Conditioning", "RectifiedFlow", "PeRFlow", "EulerVelocityFlow", "load_flow", "inspect_flow_folder",
+__all__ = ["Conditioning", "RectifiedFlow", "PeRFlow", "EulerVelocityFlow", "DenoiserFlow", "load_flow", "inspect_flow_folder",
            "FlowFolderInfo", "FLOW_TYPES", "PREDICTION_TYPES"]
