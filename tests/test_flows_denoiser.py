@@ -5,16 +5,16 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from rectifid_core.flows.denoiser import DenoiserFlow, check_sigmas
+from rectifid_core.flows.denoiser import DenoiserFlow, EulerSigmas, check_sigmas
 from rectifid_core.guidance import GuidanceConfig, guide
 from tests.linear_flow import LinearFlow, quadratic
 
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
-def _flow(denoise, sigmas=SIGMAS, **kw):
-    return DenoiserFlow(denoise, lambda z: z, sigmas, latent_channels=3, vae_scale_factor=1, device="cpu",
-                        dtype=torch.float64, **kw)
+def _flow(denoise, sigmas=SIGMAS):
+    return DenoiserFlow(denoise, lambda z: z, EulerSigmas(sigmas), latent_channels=3, vae_scale_factor=1,
+                        device="cpu", dtype=torch.float64)
 
 
 def _velocity(x: torch.Tensor) -> torch.Tensor:

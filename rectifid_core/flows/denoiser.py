@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -40,21 +41,54 @@ def euler_step(x: torch.Tensor, x0: torch.Tensor, sigma: float, sigma_next: floa
     return x + (sigma_next - sigma) / sigma * (x - x0)
 
 
-class DenoiserFlow(RectifiedFlow):
-    """Euler steps over `denoise(x, sigma)`, one step per pair of consecutive sigmas; `decode` maps the final x.
+class StepRule(Protocol):
+    """How one step advances the flow's state from the denoiser, and what the solver needs to anchor it.
 
-    The prompts live inside the denoiser (ComfyUI's guider), so `encode` only records the batch.
-    `anchor` gives c per step (1 for an Euler flow, the default).
+    `start`/`finish` map between the sampler's x and the rule's own state (identity for Euler rules).
     """
 
-    def __init__(self, denoise: Denoiser, decode: Decoder, sigmas: Sequence[float], *, latent_channels: int,
-                 vae_scale_factor: int, device: torch.device | str, dtype: torch.dtype,
-                 anchor: Sequence[float] | None = None) -> None:
+    num_steps: int
+
+    def step(self, z: torch.Tensor, i: int, denoise: Denoiser) -> torch.Tensor: ...
+
+    def anchor_coefficients(self) -> list[float]: ...
+
+    def start(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def finish(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+class EulerSigmas:
+    """Euler steps between consecutive sigmas: flow-matching models, and DDIM for eps models; c = 1."""
+
+    def __init__(self, sigmas: Sequence[float]) -> None:
         self.sigmas = check_sigmas(sigmas)
-        self.num_windows = len(self.sigmas) - 1
-        if anchor is not None and len(anchor) != self.num_windows:
-            raise ValueError(f"got {len(anchor)} anchor coefficients for {self.num_windows} steps")
-        self._anchor = [1.0] * self.num_windows if anchor is None else [float(c) for c in anchor]
+        self.num_steps = len(self.sigmas) - 1
+
+    def step(self, z: torch.Tensor, i: int, denoise: Denoiser) -> torch.Tensor:
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        return euler_step(z, denoise(z, z.new_full((z.shape[0],), sigma)), sigma, sigma_next)
+
+    def anchor_coefficients(self) -> list[float]:
+        return [1.0] * self.num_steps
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def finish(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class DenoiserFlow(RectifiedFlow):
+    """A flow whose steps are `rule` over `denoise(x, sigma)`; `decode` maps the final state to an image.
+
+    The prompts live inside the denoiser (ComfyUI's guider), so `encode` only records the batch.
+    """
+
+    def __init__(self, denoise: Denoiser, decode: Decoder, rule: StepRule, *, latent_channels: int,
+                 vae_scale_factor: int, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.rule = rule
+        self.num_windows = rule.num_steps
         self._denoise, self._decode = denoise, decode
         self.latent_channels, self.vae_scale_factor = int(latent_channels), int(vae_scale_factor)
         self.device, self.dtype = torch.device(device), dtype
@@ -69,9 +103,7 @@ class DenoiserFlow(RectifiedFlow):
     def step(self, z: torch.Tensor, i: int, cond: Conditioning) -> torch.Tensor:
         if not 0 <= i < self.num_windows:
             raise IndexError(f"step index {i} is out of range for {self.num_windows} steps")
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = self._denoise(z, z.new_full((z.shape[0],), sigma))
-        return euler_step(z, x0, sigma, sigma_next)
+        return self.rule.step(z, i, self._denoise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._decode(z)
@@ -80,4 +112,4 @@ class DenoiserFlow(RectifiedFlow):
         return None
 
     def window_anchor_coefficients(self) -> list[float]:
-        return list(self._anchor)
+        return self.rule.anchor_coefficients()
