@@ -17,3 +17,13 @@ def pack_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("insightface")
     tiny_faces.build_antelopev2(root, "models")
     return root
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """ComfyUI 0.8.0's real engine with our pack, in a child process (tests/comfyui_runtime.py); skips without
+    its source."""
+    import comfyui_runtime
+
+    with comfyui_runtime.ComfyUIProcess() as process:
+        yield process

@@ -1,4 +1,5 @@
-"""The saved workflows: structurally valid for ComfyUI's frontend, paper defaults, and runnable end to end."""
+"""The saved workflows: structurally valid for ComfyUI's frontend and its own validation, paper defaults, and
+runnable end to end on ComfyUI 0.8.0's real engine (tests/comfyui_runtime.py; skipped without its source)."""
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ import torch
 from PIL import Image
 
 import comfy_executor as ce
+import comfyui_runtime as cr
 
 WORKFLOWS = sorted((ce.REPO / "workflows").glob("rectifid_*.json"))
-CLASSES = ce.node_classes()
 MODEL_INPUTS = {"flow_folder": "diffusers", "model_pack": "insightface", "dinov2": "dinov2", "owlvit": "owlvit",
                 "clip_vision": "clip_vision"}
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
@@ -25,79 +26,113 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def models_for(wf: dict) -> Path:
+    """The tiny models a workflow loads, under the names it saved."""
+    types = {n["type"] for n in wf["nodes"]}
+    kinds = ["diffusers"] + (["insightface"] if "RectifIDFaceModelLoader" in types else []) + \
+        (["dinov2", "owlvit"] if "RectifIDObjectModelLoader" in types else [])
+    return ce.tiny_models_dir(*kinds)
+
+
+@pytest.fixture(scope="module")
+def definitions(comfyui):
+    """The node definitions ComfyUI's server would hand the frontend (its own nodes, extras and our pack)."""
+    return comfyui.node_definitions()
+
+
 def test_the_four_workflows_exist():
     assert [p.name for p in WORKFLOWS] == ["rectifid_dog_and_cat.json", "rectifid_single_face.json",
                                            "rectifid_single_object_l1.json", "rectifid_two_faces.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_structure_and_links(path):
+def test_structure_and_links(path, definitions):
     wf = load(path)
     assert wf["version"] == 0.4
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
     assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
-    notes = [n for n in wf["nodes"] if n["type"] in ce.FRONTEND_ONLY]
+    notes = [n for n in wf["nodes"] if n["type"] in cr.FRONTEND_ONLY]
     assert len(notes) == 1 and "models/diffusers" in notes[0]["widgets_values"][0]  # setup notes for users
     for n in wf["nodes"]:
-        assert n["type"] in CLASSES or n["type"] in ce.FRONTEND_ONLY, f"unknown node type {n['type']}"
+        assert n["type"] in definitions or n["type"] in cr.FRONTEND_ONLY, f"unknown node type {n['type']}"
         assert {"id", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order"} <= set(n)
     for link_id, src, slot, dst, dslot, type_ in wf["links"]:
         out, inp = nodes[src]["outputs"][slot], nodes[dst]["inputs"][dslot]
         assert out["type"] == type_ and inp["type"] in (type_, ANY), (link_id, out, inp)
         assert link_id in out["links"] and inp["link"] == link_id
-        assert CLASSES[nodes[src]["type"]].RETURN_TYPES[slot] == type_
-        assert ce.all_inputs(CLASSES[nodes[dst]["type"]])[inp["name"]][0] in (type_, ANY)
-    for n in wf["nodes"]:
-        if n["type"] in ce.FRONTEND_ONLY:
-            continue
-        cls = CLASSES[n["type"]]
-        required = cls.INPUT_TYPES()["required"]
-        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
-        sockets = {k for k, s in required.items() if ce.input_kind(s) not in ce.WIDGET_TYPES}
-        assert sockets <= linked, f"node {n['id']} ({n['type']}): unconnected {sockets - linked}"
+        assert definitions[nodes[src]["type"]]["output"][slot] == type_
+        target = definitions[nodes[dst]["type"]]["input"]
+        assert {**target.get("required", {}), **target.get("optional", {})}[inp["name"]][0] in (type_, ANY)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_widget_values_fit_their_inputs(path):
+def test_widget_values_fit_their_inputs(path, definitions):
+    """Every stored value sits where the frontend reads it; ComfyUI's own validation checks ranges and choices."""
     for n in load(path)["nodes"]:
-        if n["type"] in ce.FRONTEND_ONLY:
+        if n["type"] in cr.FRONTEND_ONLY:
             continue
-        cls = CLASSES[n["type"]]
-        values = ce.map_widgets(cls, n["widgets_values"])
-        flat = list(n["widgets_values"])
-        i = 0
-        for name, spec in ce.widget_inputs(cls):
-            value, opts, kind = values[name], ce.input_options(spec), ce.input_kind(spec)
-            if kind == "COMBO":
-                if name in MODEL_INPUTS or (n["type"] == "LoadImage" and name == "image"):
-                    assert isinstance(value, str) and value, (n["type"], name)
-                else:
-                    assert value in spec[0], (n["type"], name, value)
-            elif kind in ("INT", "FLOAT"):
-                assert isinstance(value, (int, float)) and not isinstance(value, bool), (n["type"], name)
-                assert opts["min"] <= value <= opts["max"], (n["type"], name, value)
-                if kind == "INT":
-                    assert isinstance(value, int), (n["type"], name)
-            elif kind == "STRING":
-                assert isinstance(value, str), (n["type"], name)
-            if ce.extra_widget_values(name, spec) and kind == "INT":
+        definition = definitions[n["type"]]
+        values = cr.map_widgets(definition, n["widgets_values"])
+        flat, i = list(n["widgets_values"]), 0
+        for name, spec in cr.widget_inputs(definition):
+            value, kind = values[name], cr.input_kind(spec)
+            if kind == "COMBO" and (name in MODEL_INPUTS or (n["type"] == "LoadImage" and name == "image")):
+                assert isinstance(value, str) and value, (n["type"], name)
+            elif kind == "INT":
+                assert isinstance(value, int) and not isinstance(value, bool), (n["type"], name)
+            if cr.extra_widget_values(name, spec) and kind == "INT":
                 assert flat[i + 1] in SEED_CONTROLS
-            i += 1 + ce.extra_widget_values(name, spec)
+            i += 1 + cr.extra_widget_values(name, spec)
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_paper_defaults(path):
+def test_prompt_passes_comfyuis_validation(path, comfyui, input_dir):
+    """The prompt the frontend would send passes execution.validate_prompt with the models and photos present."""
+    wf = load(path)
+    check = comfyui.validate_workflow(wf, models_dir=models_for(wf), input_dir=input_dir)
+    assert check.ok, check.describe()
+    nodes = {str(n["id"]): n for n in wf["nodes"] if n["type"] not in cr.FRONTEND_ONLY}
+    assert set(check.prompt) == set(nodes)  # the Note is not sent
+    assert sorted(check.outputs) == sorted(k for k, n in nodes.items()
+                                           if n["type"] in ("SaveImage", "PreviewImage", "PreviewAny"))
+    (sampler_id,) = [k for k, v in check.prompt.items() if v["class_type"] == "RectifIDSampler"]
+    sampler, stored = check.prompt[sampler_id]["inputs"], nodes[sampler_id]["widgets_values"]
+    control = next(i for i, value in enumerate(stored) if value in SEED_CONTROLS)  # the value after the seed
+    assert (sampler["seed"], sampler["steps"]) == (stored[control - 1], stored[control + 1])
+    assert stored[control] not in sampler.values() and len(sampler) == len(stored) - 1 + 2  # + flow, objective
+    (flow_link,) = [link for link in wf["links"] if link[3] == int(sampler_id) and link[4] == 0]
+    assert sampler["flow"] == [str(flow_link[1]), flow_link[2]]  # the first input: [source node id as str, slot]
+    assert all(set(v["inputs"]) == {"image"} for v in check.prompt.values() if v["class_type"] == "LoadImage")
+
+
+def test_validation_names_the_node_and_the_wrong_value(comfyui, input_dir):
+    """ComfyUI's validation, not ours: a missing photo and an out-of-range value are refused, naming the node."""
+    wf = load(WORKFLOWS[1])
+    problems = {"LoadImage": ({"image": "absent.png"}, "Invalid image file: absent.png"),
+                "RectifIDSampler": ({"batch_size": 0}, "Value 0 smaller than min of 1")}
+    for kind, (override, message) in problems.items():
+        check = comfyui.validate_workflow(wf, overrides={kind: override}, models_dir=models_for(wf),
+                                          input_dir=input_dir)
+        (node_id,) = [k for k, v in check.prompt.items() if v["class_type"] == kind]
+        assert not check.ok and f"node {node_id} ({kind}): " in check.describe()
+        assert message in check.describe(), check.describe()
+    with pytest.raises(ValueError, match="no input named"):
+        comfyui.validate_workflow(wf, overrides={"RectifIDSampler": {"iteration": 1}})
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_paper_defaults(path, definitions):
     """The workflows leave size, steps, CFG and s on auto (the end-to-end run checks what they resolve to)."""
     wf = load(path)
     (sampler,) = [n for n in wf["nodes"] if n["type"] == "RectifIDSampler"]
-    v = ce.map_widgets(CLASSES["RectifIDSampler"], sampler["widgets_values"])
+    v = cr.map_widgets(definitions["RectifIDSampler"], sampler["widgets_values"])
     assert (v["width"], v["height"], v["steps"], v["cfg"], v["guidance_scale"]) == (0, 0, 0, 0.0, 0.0)
     assert 20 <= v["iterations"] <= 100
     assert v["solver"] == "anchored" and v["ck_mode"] == "per_window"
     if "object_l1" in path.stem:
         (subject,) = [n for n in wf["nodes"] if n["type"] == "RectifIDSubject"]
-        assert ce.map_widgets(CLASSES["RectifIDSubject"], subject["widgets_values"])["l1_weight"] == 1000.0
+        assert cr.map_widgets(definitions["RectifIDSubject"], subject["widgets_values"])["l1_weight"] == 1000.0
 
 
 # Geometry of ComfyUI's frontend (litegraph): a node's title bar is drawn above its pos; its side bar and top
@@ -133,7 +168,7 @@ def test_layout_nothing_overlaps_and_nothing_hides_under_the_menus(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_everything_the_run_relies_on_is_shown(path):
+def test_everything_the_run_relies_on_is_shown(path, definitions):
     """Every reference's detections and crops, the report and the plot are connected to a node that shows them."""
     wf = load(path)
     nodes = {n["id"]: n for n in wf["nodes"]}
@@ -142,7 +177,7 @@ def test_everything_the_run_relies_on_is_shown(path):
               "RectifIDSampler": {"images": "SaveImage", "history_plot": "PreviewImage", "report": "PreviewAny"}}
     for n in wf["nodes"]:
         for output, viewer in wanted.get(n["type"], {}).items():
-            slot = list(CLASSES[n["type"]].RETURN_NAMES).index(output)
+            slot = definitions[n["type"]]["output_name"].index(output)
             assert shown_by.get((n["id"], slot)) == viewer, f"{n['type']} {n['id']}: {output} is not shown"
 
 
@@ -168,33 +203,37 @@ def input_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_runs_end_to_end(path, input_dir, monkeypatch):
+def test_runs_end_to_end(path, comfyui, definitions, input_dir, tmp_path):
+    """ComfyUI's PromptExecutor runs the workflow: its LoadImage reads the photos, its SaveImage writes the PNG."""
     wf = load(path)
     types = {n["type"] for n in wf["nodes"]}
-    kinds = ["diffusers"] + (["insightface"] if "RectifIDFaceModelLoader" in types else []) + \
-        (["dinov2", "owlvit"] if "RectifIDObjectModelLoader" in types else [])
-    monkeypatch.setenv("RECTIFID_MODELS_DIR", str(ce.tiny_models_dir(*kinds)))
-    monkeypatch.setattr(ce.LoadImage, "input_dir", input_dir)
-    monkeypatch.setattr(ce.SaveImage, "saved", [])
-    torch.manual_seed(0)
-    run = ce.execute(wf, TINY)
+    run = comfyui.run_workflow(wf, TINY, models_dir=models_for(wf), input_dir=input_dir, output_dir=tmp_path)
+    assert run.error is None, run.error["traceback"]
+    assert run.events("execution_success")
 
-    (saved,) = ce.SaveImage.saved
-    assert saved.shape == (1, 16, 16, 3) and saved.dtype == torch.float32
-    assert 0.0 <= float(saved.min()) and float(saved.max()) <= 1.0 and float(saved.std()) > 0
-    (sampler_id,) = [n["id"] for n in wf["nodes"] if n["type"] == "RectifIDSampler"]
+    (sampler_id,) = [k for k, v in run.prompt.items() if v["class_type"] == "RectifIDSampler"]
     images, latent, plot, report = run.outputs[sampler_id]
-    assert torch.equal(images, saved)
+    assert images.shape == (1, 16, 16, 3) and images.dtype == torch.float32
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0 and float(images.std()) > 0
+    (saved,) = run.images
+    assert saved.parent == tmp_path and saved.name.startswith("RectifID_")
+    with Image.open(saved) as png:
+        pixels, meta = np.asarray(png), dict(png.info)
+    assert np.array_equal(pixels, np.clip(255.0 * images[0].numpy(), 0, 255).astype(np.uint8))
+    assert json.loads(meta["prompt"]) == run.prompt  # the hidden PROMPT input reached SaveImage
     assert latent["samples"].shape == (1, 4, 8, 8)
     assert plot.shape[0] == 1 and plot.shape[-1] == 3
-    (viewer,) = [n["id"] for n in wf["nodes"] if n["type"] == "PreviewAny"]
-    assert run.ui[viewer]["text"] == (report,)
-    labels = [ce.map_widgets(CLASSES["RectifIDSubject"], n["widgets_values"])["label"]
+    (viewer,) = [k for k, v in run.prompt.items() if v["class_type"] == "PreviewAny"]
+    assert list(run.ui[viewer]["text"]) == [report]
+    executed = {m["node"] for m in run.events("executed")}
+    assert executed == set(run.ui) and viewer in executed
+    assert any(m["node"] == sampler_id for m in run.events("progress"))
+    labels = [cr.map_widgets(definitions["RectifIDSubject"], n["widgets_values"])["label"]
               for n in wf["nodes"] if n["type"] == "RectifIDSubject"]
     lines = report.splitlines()
     objects = "RectifIDObjectModelLoader" in types
     assert lines[0].startswith(f"settings: 16 x 16 px, 4 (auto) steps, 1 iteration, guidance scale "
                                f"{2 if objects else 1} (auto), CFG 3 (auto), solver anchored"), lines[0]
     assert all(any(line.startswith(f"{label}: similarity ") for line in lines) for label in labels), report
-    previews = [run.outputs[n["id"]][2] for n in wf["nodes"] if n["type"] == "RectifIDSubject"]
+    previews = [run.outputs[k][2] for k, v in run.prompt.items() if v["class_type"] == "RectifIDSubject"]
     assert previews and all(p.dim() == 4 and p.shape[-1] == 3 for p in previews)
