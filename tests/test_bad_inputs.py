@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_executor as ce
 import tiny_diffusers
 import tiny_faces
 import tiny_transformers
@@ -103,7 +102,7 @@ def test_detect_crop_checks_the_mask_only_where_it_is_used(tmp_path):
         RectifIDDetectCrop().detect(faces, photo, "mask", 0, "", 0.25, 64, mask=blank)
 
 
-def test_phone_jpeg_is_loaded_upright(tmp_path, monkeypatch):
+def test_phone_jpeg_is_loaded_upright(tmp_path, comfyui):
     # 40 wide, 20 high: left half red, right half blue; EXIF orientation 6 = "rotate 90 degrees clockwise to view"
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)
     pixels[:, :20, 0] = 255
@@ -113,9 +112,14 @@ def test_phone_jpeg_is_loaded_upright(tmp_path, monkeypatch):
     Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
     upright = np.rot90(pixels, k=-1)  # clockwise quarter turn, computed without PIL: the left half goes on top
     assert upright.shape == (40, 20, 3)
-    monkeypatch.setattr(ce.LoadImage, "input_dir", tmp_path)  # the test stand-in must match ComfyUI's LoadImage
+    # ComfyUI's own LoadImage, run by its engine in a one-node workflow (shown by PreviewImage)
+    shown = {"nodes": [{"id": 1, "type": "LoadImage", "widgets_values": ["phone.jpg", "image"], "inputs": []},
+                       {"id": 2, "type": "PreviewImage", "widgets_values": [],
+                        "inputs": [{"name": "images", "type": "IMAGE", "link": 1}]}],
+             "links": [[1, 1, 0, 2, 0, "IMAGE"]]}
+    comfy_loaded = comfyui.run_workflow(shown, input_dir=tmp_path).outputs["1"][0]
     for loaded in (load_image(tmp_path / "phone.jpg")[0].permute(1, 2, 0).numpy() * 255,
-                   ce.LoadImage().load_image("phone.jpg")[0][0].numpy() * 255):
+                   comfy_loaded[0].numpy() * 255):
         assert loaded.shape == upright.shape
         assert np.abs(loaded - upright).mean() < 4  # JPEG noise only; a sideways image differs by ~128
 

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 import comfy_executor as ce
+import comfyui_runtime as cr
 
 PACK = ce.load_pack()
 CLASSES = PACK.NODE_CLASS_MAPPINGS
@@ -38,7 +39,7 @@ def test_input_schema(node):
     for section in ("required", "optional"):
         for inp, spec in schema.get(section, {}).items():
             assert isinstance(spec, tuple) and 1 <= len(spec) <= 2, (name, inp)
-            kind, opts = ce.input_kind(spec), ce.input_options(spec)
+            kind, opts = cr.input_kind(spec), cr.input_options(spec)
             assert opts.get("tooltip", "").strip(), f"{name}.{inp} has no tooltip"
             if kind == "COMBO":
                 choices = list(spec[0])
@@ -73,7 +74,7 @@ def test_outputs_and_function(node):
 
 def test_seed_widget_has_generate_control():
     seed = CLASSES["RectifIDSampler"].INPUT_TYPES()["required"]["seed"]
-    assert ce.extra_widget_values("seed", seed) == 1
+    assert cr.extra_widget_values("seed", seed) == 1
 
 
 def test_sampler_inputs_and_outputs():
@@ -131,7 +132,7 @@ def test_tooltips_name_real_choices_and_true_defaults(node):
     name, cls = node
     for section in ("required", "optional"):
         for inp, spec in cls.INPUT_TYPES().get(section, {}).items():
-            kind, opts = ce.input_kind(spec), ce.input_options(spec)
+            kind, opts = cr.input_kind(spec), cr.input_options(spec)
             tooltip = opts.get("tooltip", "")
             if kind == "COMBO":
                 for match in NAMED_CHOICE.finditer(tooltip):
@@ -193,6 +194,7 @@ def test_pack_imports_without_insightface_and_onnxruntime(tmp_path):
     proc = _run_blocked("""
         import json, sys, torch
         import comfy_executor as ce
+import comfyui_runtime as cr
         pack = ce.load_pack()
         out = {"nodes": sorted(pack.NODE_CLASS_MAPPINGS),
                "blocked_loaded": [m for m in ("insightface", "onnxruntime", "onnx") if m in sys.modules]}

@@ -167,21 +167,6 @@ def test_memory_needed_counts_weights_off_the_device_and_the_chosen_modes_activa
         assert elsewhere - on_cpu == weights
 
 
-def test_preview_any_stand_in_has_comfyuis_signature():
-    out = run_with_comfyui("""
-        from comfy_extras.nodes_preview_any import PreviewAny
-        print(json.dumps({"inputs": {k: [str(v[0]), v[1]] for k, v in PreviewAny.INPUT_TYPES()["required"].items()},
-                          "returns": list(PreviewAny.RETURN_TYPES), "function": PreviewAny.FUNCTION,
-                          "output_node": PreviewAny.OUTPUT_NODE,
-                          "text": PreviewAny().main(source="report line")["ui"]["text"]}))
-    """)
-    stand_in = ce.PreviewAny
-    assert out["inputs"] == {k: [v[0], v[1]] for k, v in stand_in.INPUT_TYPES()["required"].items()}
-    assert out["returns"] == list(stand_in.RETURN_TYPES) and out["function"] == stand_in.FUNCTION
-    assert out["output_node"] is stand_in.OUTPUT_NODE is True
-    assert out["text"] == list(stand_in().main(source="report line")["ui"]["text"])
-
-
 def test_sampler_runs_and_cancels_with_comfyuis_own_modules():
     """Inside ComfyUI the sampler reports progress through comfy.utils.ProgressBar and stops on ComfyUI's own
     Cancel flag (set during a model call) with ComfyUI's own exception, before the next model call."""
