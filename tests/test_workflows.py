@@ -237,3 +237,16 @@ def test_runs_end_to_end(path, comfyui, definitions, input_dir, tmp_path):
     assert all(any(line.startswith(f"{label}: similarity ") for line in lines) for label in labels), report
     previews = [run.outputs[k][2] for k, v in run.prompt.items() if v["class_type"] == "RectifIDSubject"]
     assert previews and all(p.dim() == 4 and p.shape[-1] == 3 for p in previews)
+
+
+def test_a_failing_node_reports_through_comfyuis_execution_error(comfyui, input_dir, tmp_path):
+    """A photo without a face (black: the tiny detector scores green): the executor stops at the node that raised
+    and sends its message to the client."""
+    wf = load(WORKFLOWS[1])
+    _png(np.zeros((64, 64, 3)), tmp_path / "dark.png")
+    run = comfyui.run_workflow(wf, {**TINY, "LoadImage": {"image": "dark.png"}}, models_dir=models_for(wf),
+                               input_dir=tmp_path, output_dir=tmp_path / "output")
+    (detect_id,) = [k for k, v in run.prompt.items() if v["class_type"] == "RectifIDDetectCrop"]
+    assert run.error is not None and run.error["node_id"] == detect_id, run.error
+    assert run.error["exception_message"].startswith("no face found in image 1 of 1")
+    assert not run.events("execution_success") and run.images == [] and not (tmp_path / "output").exists()
