@@ -162,6 +162,18 @@ def workflow_to_prompt(workflow: Workflow, definitions: dict[str, dict]) -> dict
     return prompt
 
 
+def ui_workflow(nodes: dict[int, tuple[str, list]], links: list[tuple[int, int, int, str, str]]) -> dict:
+    """A minimal UI-format workflow for tests: {node id: (type, widgets_values)} and links
+    (source id, source slot, target id, target input name, type); only what the conversion reads."""
+    workflow = {"nodes": [{"id": i, "type": kind, "mode": 0, "widgets_values": list(values), "inputs": []}
+                          for i, (kind, values) in nodes.items()], "links": []}
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    for link_id, (source, slot, target, name, kind) in enumerate(links, start=1):
+        by_id[target]["inputs"].append({"name": name, "type": kind, "link": link_id})
+        workflow["links"].append([link_id, source, slot, target, len(by_id[target]["inputs"]) - 1, kind])
+    return workflow
+
+
 def apply_overrides(prompt: dict[str, dict], overrides: dict[str, dict[str, Any]] | None,
                     definitions: dict[str, dict]) -> dict[str, dict]:
     """Replace input values of every node of a class: {class_type: {input name: value}}."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import comfyui_runtime as cr
 import tiny_diffusers
 import tiny_faces
 import tiny_transformers
@@ -113,10 +114,8 @@ def test_phone_jpeg_is_loaded_upright(tmp_path, comfyui):
     upright = np.rot90(pixels, k=-1)  # clockwise quarter turn, computed without PIL: the left half goes on top
     assert upright.shape == (40, 20, 3)
     # ComfyUI's own LoadImage, run by its engine in a one-node workflow (shown by PreviewImage)
-    shown = {"nodes": [{"id": 1, "type": "LoadImage", "widgets_values": ["phone.jpg", "image"], "inputs": []},
-                       {"id": 2, "type": "PreviewImage", "widgets_values": [],
-                        "inputs": [{"name": "images", "type": "IMAGE", "link": 1}]}],
-             "links": [[1, 1, 0, 2, 0, "IMAGE"]]}
+    shown = cr.ui_workflow({1: ("LoadImage", ["phone.jpg", "image"]), 2: ("PreviewImage", [])},
+                           [(1, 0, 2, "images", "IMAGE")])
     comfy_loaded = comfyui.run_workflow(shown, input_dir=tmp_path).outputs["1"][0]
     for loaded in (load_image(tmp_path / "phone.jpg")[0].permute(1, 2, 0).numpy() * 255,
                    comfy_loaded[0].numpy() * 255):

@@ -250,3 +250,39 @@ def test_a_failing_node_reports_through_comfyuis_execution_error(comfyui, input_
     assert run.error is not None and run.error["node_id"] == detect_id, run.error
     assert run.error["exception_message"].startswith("no face found in image 1 of 1")
     assert not run.events("execution_success") and run.images == [] and not (tmp_path / "output").exists()
+
+
+# FLUX.1-schnell as ComfyUI's stock nodes build it (its templates' widget values); the files are empty placeholders
+STOCK_FLUX = cr.ui_workflow(
+    {1: ("UNETLoader", ["flux1-schnell.safetensors", "default"]),
+     2: ("DualCLIPLoader", ["t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors", "flux", "default"]),
+     3: ("VAELoader", ["ae.safetensors"]),
+     4: ("CLIPTextEncode", ["a photo of a person"]),
+     5: ("BasicGuider", []), 6: ("RandomNoise", [7, "randomize"]), 7: ("KSamplerSelect", ["euler"]),
+     8: ("BasicScheduler", ["simple", 4, 1.0]), 9: ("EmptySD3LatentImage", [1024, 1024, 1]),
+     10: ("SamplerCustomAdvanced", []), 11: ("VAEDecode", []), 12: ("SaveImage", ["flux"]),
+     13: ("Note", ["the Note is not sent"])},
+    [(2, 0, 4, "clip", "CLIP"), (1, 0, 5, "model", "MODEL"), (4, 0, 5, "conditioning", "CONDITIONING"),
+     (1, 0, 8, "model", "MODEL"), (6, 0, 10, "noise", "NOISE"), (5, 0, 10, "guider", "GUIDER"),
+     (7, 0, 10, "sampler", "SAMPLER"), (8, 0, 10, "sigmas", "SIGMAS"), (9, 0, 10, "latent_image", "LATENT"),
+     (10, 0, 11, "samples", "LATENT"), (3, 0, 11, "vae", "VAE"), (11, 0, 12, "images", "IMAGE")])
+FLUX_FILES = {"diffusion_models": "flux1-schnell.safetensors", "vae": "ae.safetensors",
+              "text_encoders": ("t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors")}
+
+
+def test_stock_node_workflow_validates_without_its_models(comfyui, tmp_path):
+    """validate_workflow on ComfyUI's stock loaders and V3 sampling nodes: the names only have to be listed."""
+    for folder, names in FLUX_FILES.items():
+        (tmp_path / folder).mkdir()
+        for name in [names] if isinstance(names, str) else names:
+            (tmp_path / folder / name).write_bytes(b"")
+    check = comfyui.validate_workflow(STOCK_FLUX, models_dir=tmp_path)
+    assert check.ok, check.describe()
+    assert check.outputs == ["12"] and "13" not in check.prompt
+    assert check.prompt["6"]["inputs"] == {"noise_seed": 7}  # V3 Int with control_after_generate
+    assert check.prompt["2"]["inputs"] == {"clip_name1": "t5xxl_fp8_e4m3fn.safetensors",
+                                           "clip_name2": "clip_l.safetensors", "type": "flux", "device": "default"}
+    assert check.prompt["8"]["inputs"] == {"model": ["1", 0], "scheduler": "simple", "steps": 4, "denoise": 1.0}
+    (tmp_path / "vae" / "ae.safetensors").unlink()
+    check = comfyui.validate_workflow(STOCK_FLUX, models_dir=tmp_path)
+    assert not check.ok and "node 3 (VAELoader): Value not in list: vae_name: 'ae.safetensors'" in check.describe()
