@@ -194,7 +194,6 @@ def test_pack_imports_without_insightface_and_onnxruntime(tmp_path):
     proc = _run_blocked("""
         import json, sys, torch
         import comfy_executor as ce
-import comfyui_runtime as cr
         pack = ce.load_pack()
         out = {"nodes": sorted(pack.NODE_CLASS_MAPPINGS),
                "blocked_loaded": [m for m in ("insightface", "onnxruntime", "onnx") if m in sys.modules]}
