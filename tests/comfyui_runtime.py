@@ -55,6 +55,7 @@ import comfy_executor as ce
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 FRONTEND_ONLY = ("Note", "MarkdownNote")  # virtual nodes the frontend draws and never sends
 SEED_NAMES = ("seed", "noise_seed")  # INT inputs that get a "control after generate" widget by name
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "animated_image_upload")  # combos the frontend adds a button to
 MODE_NEVER, MODE_BYPASS = 2, 4  # litegraph's LGraphEventMode values for muted and bypassed nodes
 PACK_FOLDER = "ComfyUI-RectifID"
 Workflow = Union[dict, str, os.PathLike]
@@ -78,11 +79,11 @@ def input_options(spec: list | tuple) -> dict:
 def extra_widget_values(name: str, spec: list | tuple) -> int:
     """Widgets the frontend adds after an input's own widget and never sends: the seed's "control after
     generate" (asked for by the option, or by the name seed/noise_seed when the option is absent) and the
-    image upload button."""
+    upload button of an image/video file combo."""
     opts, kind = input_options(spec), input_kind(spec)
     if kind == "INT" and opts.get("control_after_generate", name in SEED_NAMES):
         return 1
-    if kind == "COMBO" and opts.get("image_upload"):
+    if kind == "COMBO" and any(opts.get(key) for key in UPLOAD_OPTIONS):
         return 1
     return 0
 
