@@ -427,18 +427,21 @@ def run_workflow(workflow: Workflow, overrides: dict[str, dict[str, Any]] | None
 
 # ---------------------------------------------------------------- ComfyUI in a child process
 
-def _child_start(comfyui: str, threads: int) -> None:
-    import torch
+def _in_child(comfyui: str, threads: int, fn: Any, *args: Any) -> Any:
+    """Start ComfyUI in this child process on its first call (an error there reaches the parent), then call fn."""
+    if _RUNTIME is None:
+        import torch
 
-    torch.set_num_threads(threads)
-    shown = logging.StreamHandler()  # errors only on stderr; start() collects the import warnings
-    shown.setLevel(logging.ERROR)
-    logging.getLogger().addHandler(shown)
-    logging.getLogger().setLevel(logging.WARNING)
-    start(comfyui)
+        torch.set_num_threads(threads)
+        shown = logging.StreamHandler()  # errors only on stderr; start() collects the import warnings
+        shown.setLevel(logging.ERROR)
+        logging.getLogger().addHandler(shown)
+        logging.getLogger().setLevel(logging.WARNING)
+        start(comfyui)
+    return fn(*args)
 
 
-def _child_import_failures() -> dict[str, str]:
+def _import_failures() -> dict[str, str]:
     return dict(start().import_failures)
 
 
@@ -449,13 +452,13 @@ class ComfyUIProcess:
         import torch
 
         self.path = str(comfyui or ce.comfyui_path())  # skips the calling test when ComfyUI is absent
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_child_start, initargs=(self.path, torch.get_num_threads()))
+        self._threads = torch.get_num_threads()
+        self._pool = concurrent.futures.ProcessPoolExecutor(max_workers=1,
+                                                            mp_context=multiprocessing.get_context("spawn"))
         self._definitions: dict[str, dict] | None = None
 
-    def _call(self, fn, *args, **kwargs):
-        return self._pool.submit(fn, *args, **kwargs).result()
+    def _call(self, fn: Any, *args: Any) -> Any:
+        return self._pool.submit(_in_child, self.path, self._threads, fn, *args).result()
 
     def run_workflow(self, workflow: Workflow, overrides: dict[str, dict[str, Any]] | None = None,
                      models_dir: str | os.PathLike | None = None, input_dir: str | os.PathLike | None = None,
@@ -474,7 +477,7 @@ class ComfyUIProcess:
 
     def import_failures(self) -> dict[str, str]:
         """comfy_extras files that did not import in this environment -> the reason ComfyUI logged."""
-        return self._call(_child_import_failures)
+        return self._call(_import_failures)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
