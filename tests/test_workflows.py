@@ -286,3 +286,15 @@ def test_stock_node_workflow_validates_without_its_models(comfyui, tmp_path):
     (tmp_path / "vae" / "ae.safetensors").unlink()
     check = comfyui.validate_workflow(STOCK_FLUX, models_dir=tmp_path)
     assert not check.ok and "node 3 (VAELoader): Value not in list: vae_name: 'ae.safetensors'" in check.describe()
+
+
+def test_comfyui_loads_its_node_set_and_the_pack_as_a_server_does(comfyui, definitions):
+    """Only comfy_extras whose packages are missing here fail to import; the pack comes in through ComfyUI's
+    custom-node loader; the stock nodes the workflows build on are there."""
+    failures = comfyui.import_failures()
+    assert all(reason.startswith("No module named") for reason in failures.values()), failures
+    ours = {name for name, d in definitions.items() if d["python_module"] == f"custom_nodes.{cr.PACK_FOLDER}"}
+    assert ours == set(ce.load_pack().NODE_CLASS_MAPPINGS)
+    stock = {"LoadImage", "SaveImage", "PreviewImage", "PreviewAny", "CheckpointLoaderSimple", "UNETLoader",
+             "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "SamplerCustomAdvanced", "BasicGuider", "CFGGuider"}
+    assert stock <= set(definitions)
