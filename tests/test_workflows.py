@@ -261,11 +261,12 @@ STOCK_FLUX = cr.ui_workflow(
      5: ("BasicGuider", []), 6: ("RandomNoise", [7, "randomize"]), 7: ("KSamplerSelect", ["euler"]),
      8: ("BasicScheduler", ["simple", 4, 1.0]), 9: ("EmptySD3LatentImage", [1024, 1024, 1]),
      10: ("SamplerCustomAdvanced", []), 11: ("VAEDecode", []), 12: ("SaveImage", ["flux"]),
-     13: ("Note", ["the Note is not sent"])},
+     13: ("Note", ["the Note is not sent"]), 14: ("PrimitiveInt", [768, "fixed"])},
     [(2, 0, 4, "clip", "CLIP"), (1, 0, 5, "model", "MODEL"), (4, 0, 5, "conditioning", "CONDITIONING"),
      (1, 0, 8, "model", "MODEL"), (6, 0, 10, "noise", "NOISE"), (5, 0, 10, "guider", "GUIDER"),
      (7, 0, 10, "sampler", "SAMPLER"), (8, 0, 10, "sigmas", "SIGMAS"), (9, 0, 10, "latent_image", "LATENT"),
-     (10, 0, 11, "samples", "LATENT"), (3, 0, 11, "vae", "VAE"), (11, 0, 12, "images", "IMAGE")])
+     (10, 0, 11, "samples", "LATENT"), (3, 0, 11, "vae", "VAE"), (11, 0, 12, "images", "IMAGE"),
+     (14, 0, 9, "height", "INT")])  # a link into a widget input replaces the stored 1024
 FLUX_FILES = {"diffusion_models": "flux1-schnell.safetensors", "vae": "ae.safetensors",
               "text_encoders": ("t5xxl_fp8_e4m3fn.safetensors", "clip_l.safetensors")}
 
@@ -283,6 +284,8 @@ def test_stock_node_workflow_validates_without_its_models(comfyui, tmp_path):
     assert check.prompt["2"]["inputs"] == {"clip_name1": "t5xxl_fp8_e4m3fn.safetensors",
                                            "clip_name2": "clip_l.safetensors", "type": "flux", "device": "default"}
     assert check.prompt["8"]["inputs"] == {"model": ["1", 0], "scheduler": "simple", "steps": 4, "denoise": 1.0}
+    assert check.prompt["9"]["inputs"] == {"width": 1024, "height": ["14", 0], "batch_size": 1}
+    assert check.prompt["14"]["inputs"] == {"value": 768}
     (tmp_path / "vae" / "ae.safetensors").unlink()
     check = comfyui.validate_workflow(STOCK_FLUX, models_dir=tmp_path)
     assert not check.ok and "node 3 (VAELoader): Value not in list: vae_name: 'ae.safetensors'" in check.describe()
