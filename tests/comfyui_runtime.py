@@ -29,7 +29,10 @@ the pack believes it runs inside ComfyUI. Tests therefore drive ComfyUI in a chi
 
 `validate_workflow` suits workflows whose models cannot be built tiny (FLUX's T5): ComfyUI checks every
 combo value against the folder listings, so empty files with the saved names in the right model folders
-suffice. `run_workflow` raises `WorkflowInvalid` (with ComfyUI's messages) when validation fails. The same
+suffice (tests/test_workflows.py validates a stock FLUX.1-schnell graph that way). `ui_workflow` builds a
+small UI-format graph in a test, e.g. LoadImage -> PreviewImage to read what ComfyUI's LoadImage returns.
+A node's widgets_values must fit its widgets exactly (`map_widgets` says which node does not): saved
+workflows store values by position, so a count that differs means the node changed since it was saved. `run_workflow` raises `WorkflowInvalid` (with ComfyUI's messages) when validation fails. The same
 functions run in-process (`run_workflow`, `validate_workflow`, `node_definitions` at module level) in a
 process that may import ComfyUI.
 """
