@@ -59,8 +59,9 @@ class CheckpointFlow:
             substeps = perflow_substeps(self.num_windows, steps, self.num_train_timesteps)  # refuses bad steps
             self.timesteps = [float(sub.timestep) for sub in substeps]
             self._window_ends = self._windows(alphas_cumprod)
-            self.coefficients = [window_anchor_coefficient(prediction_type, *self._window_ends[sub.window][2:])
-                                 if self._window_ends else 1.0 for sub in substeps]
+            self.coefficients = [1.0 if prediction_type == "velocity" else
+                                 window_anchor_coefficient(prediction_type, *self._window_ends[sub.window][2:])
+                                 for sub in substeps]
         self.num_steps = len(self.timesteps)
         self.sigmas = [t / self.num_train_timesteps for t in self.timesteps] + [0.0]
 
