@@ -13,7 +13,7 @@ import comfy.sd
 import comfy.samplers
 import comfy.utils
 import torch
-from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete, ModelSamplingSD3
 from safetensors.torch import save_file
 
 from rectifid_core.flows.base import Conditioning
@@ -193,4 +193,9 @@ def run(pack: Any, cases: list[tuple[str, str, int]], refusals: bool = False) ->
             "too_few_sigmas": _message(lambda: rule_factory(torch.tensor([1.0, 0.5, 0.0]))),
         }
         result["simple_sigmas"] = simple.tolist()
+        v_model = ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]  # how an SD2.1 v checkpoint loads
+        result["auto_predictions"] = {
+            name: node.patch(m, flow_type, "auto", 0)[0].model_options["rectifid_step_rule"].prediction_type
+            for name, m, flow_type in (("eps", model, "perflow"), ("v_prediction", v_model, "perflow"),
+                                       ("2-rf", model, "2-rf"))}
     return result

@@ -103,6 +103,11 @@ def test_bad_inputs_are_refused_clearly(comfy_run, key, words):
     assert all(w in message for w in words), message
 
 
+def test_auto_prediction_follows_the_checkpoints_parameterization(comfy_run):
+    """As our folder loader: SD1.x eps -> diff_eps, v-prediction (SD2.1 PeRFlow) -> velocity; 2-RF is Euler velocity."""
+    assert comfy_run["auto_predictions"] == {"eps": "diff_eps", "v_prediction": "velocity", "2-rf": "euler_velocity"}
+
+
 def test_comfyuis_simple_scheduler_matches_perflows_four_windows(comfy_run):
     assert comfy_run["simple_sigmas"] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0], abs=1e-7)
 

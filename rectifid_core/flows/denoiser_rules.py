@@ -65,7 +65,8 @@ class CheckpointFlow:
         self.num_steps = len(self.timesteps)
         self.sigmas = [t / self.num_train_timesteps for t in self.timesteps] + [0.0]
 
-    def _windows(self, alphas_cumprod: torch.Tensor | Sequence[float] | None) -> list[tuple[float, float, float, float]]:
+    def _windows(self, alphas_cumprod: torch.Tensor | Sequence[float] | None
+                 ) -> list[tuple[float, float, float, float]]:
         """(t_s, t_e, abar_s, abar_e) per window as floats; eps windows need the diffusion schedule."""
         if self.prediction_type == "velocity":
             return []

@@ -158,7 +158,8 @@ def window_anchor_coefficient(prediction_type: str, abar_s: float, abar_e: float
         return (math.sqrt(1.0 - abar_e) + math.sqrt(abar_e / abar_s * (1.0 - abar_s))) / lam
     if prediction_type == "velocity":
         return 1.0
-    raise ValueError(f"unknown PeRFlow prediction type {prediction_type!r}; expected one of {', '.join(PERFLOW_PREDICTIONS)}")
+    raise ValueError(f"unknown PeRFlow prediction type {prediction_type!r}; "
+                     f"expected one of {', '.join(PERFLOW_PREDICTIONS)}")
 
 
 def window_end_coefficients(prediction_type: str, abar_s: float, abar_e: float) -> tuple[float, float]:
