@@ -136,3 +136,27 @@ def test_rule_steps_are_euler_steps_at_the_timesteps():
             z = rule.step(z, i, lambda x, s: flow.denoised(v, x, s))
         torch.testing.assert_close(z, -v, rtol=0, atol=1e-15)
         assert math.isclose(sum(a - b for a, b in zip(flow.sigmas, flow.sigmas[1:])), 1.0)
+
+
+def test_model_timestep_snaps_float32_sigmas_and_passes_others_through():
+    """2-RF at 11 steps: float32 sigma 10/11 times 1000 rounds to a float32 one ulp off the backend's 909.0909 timestep."""
+    import torch
+
+    flow = CheckpointFlow("euler_velocity", steps=11)
+    sigmas32 = torch.tensor(flow.sigmas[:-1], dtype=torch.float32)
+    backend = torch.tensor(flow.timesteps, dtype=torch.float32)  # what EulerVelocityFlow hands its UNet
+    assert not torch.equal((sigmas32.double() * 1000).float(), backend)  # unsnapped, the UNet would see another t
+    assert torch.equal(flow.model_timestep(sigmas32).float(), backend)
+    other = torch.tensor([0.8732], dtype=torch.float64)  # a foreign sigma keeps sigma * 1000
+    assert float(flow.model_timestep(other)) == pytest.approx(873.2, abs=1e-9)
+
+
+def test_eps_windows_need_the_schedule_and_bad_coefficients_are_refused():
+    from rectifid_core.flows.denoiser import EulerSigmas
+
+    with pytest.raises(ValueError, match="need the diffusion schedule"):
+        CheckpointFlow("diff_eps")
+    with pytest.raises(ValueError, match="unknown prediction type 'eps'"):
+        CheckpointFlow("eps")
+    with pytest.raises(ValueError, match="3 anchor coefficients for 2 steps"):
+        EulerSigmas([1.0, 0.5, 0.0], [1.0, 1.0, 1.0])
