@@ -1,5 +1,6 @@
 """RectifID nodes; the classes are thin, the work happens in rectifid_core."""
 from . import comfy_bridge
+from .checkpoint_flows import RectifIDCheckpointFlow
 from .loaders import RectifIDClipModelLoader, RectifIDFaceModelLoader, RectifIDFlowLoader, RectifIDObjectModelLoader
 from .sampler import RectifIDSampler
 from .subjects import RectifIDDetectCrop, RectifIDMatchSubjects, RectifIDSubject
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "RectifIDSubject": RectifIDSubject,
     "RectifIDMatchSubjects": RectifIDMatchSubjects,
     "RectifIDSampler": RectifIDSampler,
+    "RectifIDCheckpointFlow": RectifIDCheckpointFlow,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RectifIDSubject": "Reference Subject (RectifID)",
     "RectifIDMatchSubjects": "Match Subjects (RectifID)",
     "RectifIDSampler": "RectifID Sampler",
+    "RectifIDCheckpointFlow": "RectifID Checkpoint Flow",
 }

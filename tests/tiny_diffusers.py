@@ -70,12 +70,7 @@ def _text_encoder(folder: Path, vocab_size: int, eos_id: int, with_projection: b
 
 
 def _vae(folder: Path, scaling_factor: float, force_upcast: bool) -> None:
-    from diffusers import AutoencoderKL
-
-    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=scaling_factor,
-                  force_upcast=force_upcast).save_pretrained(folder)
+    tiny_vae(scaling_factor, force_upcast).save_pretrained(folder)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -169,3 +164,30 @@ def cached_folder(kind: str) -> Path:
         atexit.register(shutil.rmtree, root, True)
         _CACHE[kind] = _BUILDERS[kind](root / kind)
     return _CACHE[kind]
+
+
+# ComfyUI's unet_config of `tiny_comfy_sd15_unet` (its LDM key layout: one level, one resnet and one transformer each)
+COMFY_SD15_LAYOUT = {"num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1],
+                     "transformer_depth_output": [1, 1], "transformer_depth_middle": 1}
+
+
+def tiny_comfy_sd15_unet(seed: int = 0):
+    """The smallest UNet ComfyUI 0.8.0's model detection takes for SD1.5: it matches on 320 model channels and a
+    768-d context (comfy/supported_models.py SD15.unet_config), so only the depth can shrink."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(320,),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=768, attention_head_dim=8,
+                                norm_num_groups=32)
+
+
+def tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False):
+    """The tiny AutoencoderKL every folder above holds (latent 4 channels, downscale 2), in memory."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         latent_channels=4, norm_num_groups=32, sample_size=16, scaling_factor=scaling_factor,
+                         force_upcast=force_upcast)

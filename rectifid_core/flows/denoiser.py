@@ -7,6 +7,11 @@ for flow-matching models (x = (1 - sigma) x0 + sigma n) it is the velocity Euler
 FLUX.1-schnell and SD3.5 Turbo are sampled with; for eps models in ComfyUI's variance-exploding
 space (x = x0 + sigma n) it is the DDIM jump. The math lives here, free of ComfyUI, so the
 same solver drives a ComfyUI MODEL and our own backends.
+
+The ComfyUI hook: a MODEL whose ModelPatcher carries `model_options["rectifid_step_rule"]` is
+sampled with that rule instead of `EulerSigmas`. The value is a callable
+`(sigmas: list[float]) -> StepRule`, called with the sigmas the SAMPLER receives, that refuses
+sigmas its rule cannot run (`denoiser_rules.CheckpointFlow` is one: PeRFlow / 2-RF / InstaFlow).
 """
 from __future__ import annotations
 
@@ -58,19 +63,29 @@ class StepRule(Protocol):
     def finish(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
-class EulerSigmas:
-    """Euler steps between consecutive sigmas: flow-matching models, and DDIM for eps models; c = 1."""
+StepRuleFactory = Callable[[list[float]], StepRule]
 
-    def __init__(self, sigmas: Sequence[float]) -> None:
+
+class EulerSigmas:
+    """Euler steps between consecutive sigmas: flow-matching models, and DDIM for eps models.
+
+    `coefficients` are the anchor c per step (1 for a plain Euler flow; a windowed flow whose
+    steps are Euler steps in its own sigma space, as PeRFlow's, passes its windows' c).
+    """
+
+    def __init__(self, sigmas: Sequence[float], coefficients: Sequence[float] | None = None) -> None:
         self.sigmas = check_sigmas(sigmas)
         self.num_steps = len(self.sigmas) - 1
+        self.coefficients = [1.0] * self.num_steps if coefficients is None else [float(c) for c in coefficients]
+        if len(self.coefficients) != self.num_steps:
+            raise ValueError(f"got {len(self.coefficients)} anchor coefficients for {self.num_steps} steps")
 
     def step(self, z: torch.Tensor, i: int, denoise: Denoiser) -> torch.Tensor:
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         return euler_step(z, denoise(z, z.new_full((z.shape[0],), sigma)), sigma, sigma_next)
 
     def anchor_coefficients(self) -> list[float]:
-        return [1.0] * self.num_steps
+        return list(self.coefficients)
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return x

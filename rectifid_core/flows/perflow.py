@@ -1,14 +1,13 @@
 """PeRFlow (piecewise rectified flow) over a Stable Diffusion UNet: SD1.5, SD2.1 and SDXL."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from .base import Conditioning, FlowDefaults
 from .schedule import (PERFLOW_PREDICTIONS, alphas_cumprod, betas_from_config, perflow_substeps, perflow_velocity,
-                       window_alphas, window_bounds, window_gamma)
+                       window_alphas, window_anchor_coefficient, window_bounds, window_gamma)
 from .stable_diffusion import StableDiffusionComponents, StableDiffusionFlow
 
 # What the authors' scripts sample each PeRFlow checkpoint with (feifeiobama/RectifID):
@@ -68,22 +67,9 @@ class PeRFlow(StableDiffusionFlow):
         return _SD21 if self.prediction_type == "velocity" else _SD15
 
     def window_anchor_coefficients(self) -> list[float]:
-        """c_k per prediction type, as the released code derives it from the window coefficients.
-
-        diff_eps: |eta|/lambda = sqrt(1 - gamma^2) (the SD1.5 script's documented fix);
-        ddim_eps: (sqrt(1-abar_e) + sqrt(abar_e/abar_s*(1-abar_s))) / lambda (the SDXL script);
-        velocity: 1, the window is an Euler step in velocity like a plain rectified flow.
-        """
-        if self.prediction_type == "diff_eps":
-            return super().window_anchor_coefficients()
-        if self.prediction_type == "velocity":
-            return [1.0] * self.num_windows
-        coefficients = []
-        for k in range(self.num_windows):
-            abar_s, abar_e = window_alphas(self.alphas_cumprod, k, self.num_windows)
-            lam = math.sqrt(abar_e / abar_s)
-            coefficients.append((math.sqrt(1.0 - abar_e) + math.sqrt(abar_e / abar_s * (1.0 - abar_s))) / lam)
-        return coefficients
+        """c_k per prediction type (schedule.window_anchor_coefficient: diff_eps, ddim_eps, velocity)."""
+        return [window_anchor_coefficient(self.prediction_type, abar_s, abar_e)
+                for _, _, abar_s, abar_e in self._window_ends]
 
     def timesteps(self) -> list[list[int]]:
         """Model timesteps of every window (for display and checks)."""

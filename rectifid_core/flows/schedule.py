@@ -133,6 +133,35 @@ def perflow_substeps(num_windows: int, steps: int, num_train_timesteps: int = 10
     return [SubStep(window=k, timestep=t, dt=(nxt - t) / num_train_timesteps) for (k, t), nxt in zip(flat, nexts)]
 
 
+def perflow_window(t: float, num_windows: int) -> int:
+    """The window (0-based) holding time t in (0, 1]: window k spans (t_e, t_s], so a window's start is its own.
+
+    This is the window `perflow_substeps` assigns to a sub-step at timestep t*T (the window
+    whose linspace produced it); the small guard keeps e.g. 0.7*4 = 2.8000000000000003 exact.
+    """
+    if not 0.0 < t <= 1.0 + 1e-9:
+        raise ValueError(f"time {t} is outside PeRFlow's (0, 1]: the model is evaluated before the data end")
+    return min(max(num_windows - math.ceil(t * num_windows - 1e-9), 0), num_windows - 1)
+
+
+def window_anchor_coefficient(prediction_type: str, abar_s: float, abar_e: float) -> float:
+    """The c_k of the anchored update for one window, as the released code derives it.
+
+    diff_eps: |eta|/lambda = sqrt(1 - gamma^2) (the SD1.5 script's documented fix);
+    ddim_eps: (sqrt(1-abar_e) + sqrt(abar_e/abar_s*(1-abar_s))) / lambda (the SDXL script);
+    velocity: 1, the window is an Euler step in velocity like a plain rectified flow.
+    """
+    if prediction_type == "diff_eps":
+        return math.sqrt(max(0.0, 1.0 - abar_s / abar_e))
+    if prediction_type == "ddim_eps":
+        lam = math.sqrt(abar_e / abar_s)
+        return (math.sqrt(1.0 - abar_e) + math.sqrt(abar_e / abar_s * (1.0 - abar_s))) / lam
+    if prediction_type == "velocity":
+        return 1.0
+    raise ValueError(f"unknown PeRFlow prediction type {prediction_type!r}; "
+                     f"expected one of {', '.join(PERFLOW_PREDICTIONS)}")
+
+
 def window_end_coefficients(prediction_type: str, abar_s: float, abar_e: float) -> tuple[float, float]:
     """(lambda, eta) with z_e = lambda * z_s + eta * eps for an eps-parameterized window.
 
