@@ -1,5 +1,6 @@
 """RectifID nodes; the classes are thin, the work happens in rectifid_core."""
 from . import comfy_bridge
+from .comfy_sampler import RectifIDComfySample, RectifIDComfySampler
 from .loaders import RectifIDClipModelLoader, RectifIDFaceModelLoader, RectifIDFlowLoader, RectifIDObjectModelLoader
 from .sampler import RectifIDSampler
 from .subjects import RectifIDDetectCrop, RectifIDMatchSubjects, RectifIDSubject
@@ -15,6 +16,8 @@ NODE_CLASS_MAPPINGS = {
     "RectifIDSubject": RectifIDSubject,
     "RectifIDMatchSubjects": RectifIDMatchSubjects,
     "RectifIDSampler": RectifIDSampler,
+    "RectifIDComfySampler": RectifIDComfySampler,
+    "RectifIDComfySample": RectifIDComfySample,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -25,5 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RectifIDDetectCrop": "Detect & Crop Subject (RectifID)",
     "RectifIDSubject": "Reference Subject (RectifID)",
     "RectifIDMatchSubjects": "Match Subjects (RectifID)",
-    "RectifIDSampler": "RectifID Sampler",
+    "RectifIDSampler": "RectifID Sampler (own flow loader)",
+    "RectifIDComfySampler": "RectifID Sampler",
+    "RectifIDComfySample": "RectifID Sample (ComfyUI model)",
 }
