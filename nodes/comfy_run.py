@@ -7,13 +7,15 @@ final x, which ComfyUI then maps into the LATENT as for any sampler.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rectifid_core.flows.denoiser import DenoiserFlow, check_sigmas
+from rectifid_core.flows.denoiser import DenoiserFlow, StepRule, check_sigmas
 from rectifid_core.guidance import (AUTO_HEADROOM, AUTO_MEMORY_ORDER, GuidanceConfig, IterationInfo,
                                     auto_guidance_scale, guide)
 from rectifid_core.pipeline import summarize
@@ -84,11 +86,37 @@ def _check_latent(x: torch.Tensor, vae: Any) -> None:
                          "belongs to this model (FLUX and SD3.5 use a 16-channel VAE, SD1.5/SDXL a 4-channel one)")
 
 
+@contextlib.contextmanager
+def comfy_flow(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict[str, Any], vae: Any,
+               memory_required: int = 0) -> Iterator[tuple[DenoiserFlow, StepRule]]:
+    """Inside a ComfyUI sampler function: the flow over `model(x, sigma)` and the VAE, ready for autograd.
+
+    Loads the model and the VAE together (fully, so no offloaded weight copies stay in the graph),
+    converts their inference tensors once, and keeps gradients, the rope with a backward, the
+    LayerNorm input copies and SDPA attention on for the block. The flow's state is the step
+    rule's (`rule.start(x)` / `rule.finish(z)`).
+    """
+    import comfy.model_management as mm
+
+    guider = model.inner_model
+    patcher, base_model = guider.model_patcher, guider.inner_model
+    mm.load_models_gpu([patcher, vae.patcher], memory_required=memory_required, force_full_load=True)
+    make_trainable(patcher.model)
+    make_trainable(vae.first_stage_model)
+    with autograd_enabled(), differentiable_calls(base_model.diffusion_model):
+        own_sigmas = sigmas.detach().to("cpu", torch.float32).clone()
+        rule = step_rule(extra_args.get("model_options") or {}, own_sigmas)
+        run_args = with_attention_override(extra_args)
+        decode = vae_decoder(vae, base_model, own_sigmas[-1].to(x.device))
+        flow = DenoiserFlow(lambda z, sigma: model(z, sigma, **run_args), lambda z: decode(rule.finish(z)), rule,
+                            latent_channels=x.shape[1], vae_scale_factor=int(getattr(vae, "upscale_ratio", 8)),
+                            device=x.device, dtype=x.dtype)
+        yield flow, rule
+
+
 def sample_rectifid(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict[str, Any] | None = None,
                     callback: Any = None, disable: Any = None, rectifid: RunSettings | None = None) -> torch.Tensor:
     """The SAMPLER's function: anchored classifier guidance from x at sigmas[0]; returns the final x."""
-    import comfy.model_management as mm
-
     if rectifid is None:
         raise ValueError("this sampler function needs its RectifID settings; build it with the 'RectifID Sampler' node")
     objective, vae = check_objective(rectifid.objective), check_vae(rectifid.vae)
@@ -98,37 +126,23 @@ def sample_rectifid(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_arg
     except ValueError as exc:
         raise ValueError(f"RectifID sigmas: {exc}") from exc
     extra_args = dict(extra_args or {})
-    guider = model.inner_model
-    patcher, base_model = guider.model_patcher, guider.inner_model
     steps = len(values) - 1
-    estimates = memory_estimates(base_model, vae, tuple(x.shape), steps)
+    estimates = memory_estimates(model.inner_model.inner_model, vae, tuple(x.shape), steps)
     config = rectifid.guidance
     if config.scale is None:
         config = dataclasses.replace(config, scale=auto_guidance_scale(objective.objective))
     config = dataclasses.replace(config, memory=resolve_memory(config.memory, estimates, x.device))
     config.validate()
     bridge.check_interrupt()
-    mm.load_models_gpu([patcher, vae.patcher], memory_required=estimates[config.memory], force_full_load=True)
-    make_trainable(patcher.model)
-    make_trainable(vae.first_stage_model)
-
     progress = bridge.Progress(max(1, config.iterations))
     previews = bridge.previews_enabled()
 
     def on_iteration(info: IterationInfo) -> None:
         progress.update(info.iteration + 1, _preview(info.image) if previews else None)
 
-    with autograd_enabled(), differentiable_calls(base_model.diffusion_model):
-        start = x.detach().clone()
-        own_sigmas = sigmas.detach().to("cpu", torch.float32).clone()
-        rule = step_rule(extra_args.get("model_options") or {}, own_sigmas)
-        run_args = with_attention_override(extra_args)
-        decode = vae_decoder(vae, base_model, own_sigmas[-1].to(x.device))
-        flow = DenoiserFlow(lambda z, sigma: model(z, sigma, **run_args), lambda z: decode(rule.finish(z)), rule,
-                            latent_channels=x.shape[1], vae_scale_factor=int(getattr(vae, "upscale_ratio", 8)),
-                            device=x.device, dtype=x.dtype)
-        result = guide(flow, flow.conditioning(x.shape[0]), objective.objective, rule.start(start), config,
-                       on_iteration, bridge.check_interrupt)
+    with comfy_flow(model, x, sigmas, extra_args, vae, estimates[config.memory]) as (flow, rule):
+        result = guide(flow, flow.conditioning(x.shape[0]), objective.objective, rule.start(x.detach().clone()),
+                       config, on_iteration, bridge.check_interrupt)
         summary = summarize(result, objective.objective, objective.labels, x.device)
         final = rule.finish(result.latent).detach()
     if len(result.losses) < progress.total:  # N=0 or stopped early: still show the bar as done

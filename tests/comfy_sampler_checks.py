@@ -1,0 +1,173 @@
+"""Checks of the RectifID SAMPLER against ComfyUI's real code, run in a fresh interpreter (see test_comfy_sampler.py).
+
+`python comfy_sampler_checks.py <comfyui> <models dir> <group>` prints one JSON line of measurements. Everything
+runs under torch.inference_mode() as ComfyUI executes nodes; models come from ComfyUI's own loader functions.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+COND_TOKENS, COND_DIM, POOLED_DIM = 5, 32, 24
+
+
+def setup(comfyui: str) -> None:
+    sys.path.insert(0, comfyui)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+
+
+def conditioning(seed: int, dtype: torch.dtype = torch.float32) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """A CONDITIONING list as CLIPTextEncode gives it, and its tensors for the diffusers reference."""
+    gen = torch.Generator().manual_seed(seed)
+    cross = torch.randn(1, COND_TOKENS, COND_DIM, generator=gen, dtype=dtype)
+    pooled = torch.randn(1, POOLED_DIM, generator=gen, dtype=dtype)
+    return [[cross, {"pooled_output": pooled}]], cross, pooled
+
+
+def capture_flow(pack, guider, sigmas, noise, vae, work):
+    """Run ComfyUI's sampling with a sampler function that hands the RectifID flow to `work(flow, rule, x)`."""
+    import comfy.samplers
+    comfy_run = pack.nodes.comfy_run
+    out = {}
+
+    def function(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        with comfy_run.comfy_flow(model, x, sigmas, dict(extra_args or {}), vae) as (flow, rule):
+            out["value"] = work(flow, rule, x)
+        return x
+
+    guider.sample(noise, torch.zeros_like(noise), comfy.samplers.KSAMPLER(function), sigmas, seed=0)
+    return out["value"]
+
+
+def gradients(flow, rule, x, weights, target):
+    """d(sum w * step_k(x))/dx for every step from the same x, and d(image loss)/dx through the whole chain."""
+    x = rule.start(x.detach().clone())
+    cond = flow.conditioning(x.shape[0])
+    per_step = []
+    for k in range(flow.num_steps):
+        z = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((flow.step(z, k, cond) * weights).sum(), z)
+        per_step.append(g)
+    z = x.clone().requires_grad_(True)
+    end = z
+    for k in range(flow.num_steps):
+        end = flow.step(end, k, cond)
+    image = flow.decode(end)
+    (g,) = torch.autograd.grad(((image - target) ** 2).sum(), z)
+    return per_step, g, image.detach()
+
+
+def reference_gradients(velocity, decode, x, sigmas, weights, target):
+    """The same quantities through diffusers modules: Euler steps x + (s' - s) v(x, s) and the VAE decode."""
+    per_step = []
+    for k in range(len(sigmas) - 1):
+        z = x.clone().requires_grad_(True)
+        step = z + (sigmas[k + 1] - sigmas[k]) * velocity(z, sigmas[k])
+        (g,) = torch.autograd.grad((step * weights).sum(), z)
+        per_step.append(g)
+    z = x.clone().requires_grad_(True)
+    end = z
+    for k in range(len(sigmas) - 1):
+        end = end + (sigmas[k + 1] - sigmas[k]) * velocity(end, sigmas[k])
+    image = decode(end)
+    (g,) = torch.autograd.grad(((image - target) ** 2).sum(), z)
+    return per_step, g, image.detach()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def comparison(ours, theirs) -> dict:
+    return {"steps": [rel_error(a, b) for a, b in zip(ours[0], theirs[0], strict=True)],
+            "chain": rel_error(ours[1], theirs[1]), "image": rel_error(ours[2], theirs[2]),
+            "chain_norm": float(theirs[1].norm()), "step_norms": [float(g.norm()) for g in theirs[0]]}
+
+
+def sd3_gradients(pack, models: Path) -> dict:
+    """(i) and (ii): gradients through the adapter vs diffusers in float64, without and with a LoRA."""
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    import tiny_comfy_models as tcm
+
+    f64 = torch.float64
+    cond, cross, pooled = conditioning(1, f64)
+    gen = torch.Generator().manual_seed(2)
+    noise = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
+    weights = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
+    target = torch.rand(1, 3, 32, 32, generator=gen, dtype=f64)
+    rank = 2
+    lora = {}
+    for name, (out_dim, in_dim) in {"transformer_blocks.0.attn.to_q": (128, 128),
+                                    "transformer_blocks.1.ff.net.2": (128, 512)}.items():
+        lora[f"transformer.{name}.lora_A.weight"] = 0.3 * torch.randn(rank, in_dim, generator=gen, dtype=f64)
+        lora[f"transformer.{name}.lora_B.weight"] = 0.3 * torch.randn(out_dim, rank, generator=gen, dtype=f64)
+    strength = 0.8
+
+    reference = SD3Transformer2DModel(**tcm.SD3_CONFIG).to(f64)
+    reference.load_state_dict(load_file(str(models / "sd3.safetensors")))
+    ref_vae = AutoencoderKL(**tcm.VAE_CONFIG).to(f64)
+    ref_vae.load_state_dict(load_file(str(models / "vae.safetensors")))
+    reference.requires_grad_(False)
+    ref_vae.requires_grad_(False)
+
+    def velocity(x, sigma):
+        # ComfyUI hands the model a float32 timestep and rounds its output to float32 (model_base._apply_model)
+        t = torch.tensor([sigma * 1000.0], dtype=torch.float32).to(f64)
+        v = reference(hidden_states=x, timestep=t, encoder_hidden_states=cross, pooled_projections=pooled).sample
+        return v.float().to(f64)
+
+    def decode(z):  # the SD3 latent format, then the VAE and ComfyUI's output mapping
+        image = ref_vae.decode(z / 1.5305 + 0.0609).sample
+        return ((image + 1.0) / 2.0).clamp(0, 1)
+
+    out = {}
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model(str(models / "sd3.safetensors"), model_options={"dtype": f64})
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae.safetensors")), dtype=f64)
+        sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", 4)
+        values = [float(s) for s in sigmas.tolist()]
+        out["sigmas"] = values
+
+        def run(model):
+            guider = comfy.samplers.CFGGuider(model)
+            guider.set_conds(cond, cond)
+            guider.set_cfg(1.0)
+            return capture_flow(pack, guider, sigmas, noise, vae,
+                                lambda flow, rule, x: gradients(flow, rule, x, weights, target))
+
+        ours = run(patcher)
+        lora_patcher, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), strength, 0)
+        ours_lora = run(lora_patcher)
+    theirs = reference_gradients(velocity, decode, noise, values, weights, target)
+    out["plain"] = comparison(ours, theirs)
+    with torch.no_grad():
+        for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2"):
+            module = reference.get_submodule(name)
+            module.weight += strength * lora[f"transformer.{name}.lora_B.weight"] @ lora[f"transformer.{name}.lora_A.weight"]
+    theirs_lora = reference_gradients(velocity, decode, noise, values, weights, target)
+    out["lora"] = comparison(ours_lora, theirs_lora)
+    out["lora_changes_chain"] = rel_error(ours_lora[1], ours[1])
+    return out
+
+
+def main() -> None:
+    comfyui, models, group = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    setup(comfyui)
+    import comfy_executor as ce
+    pack = ce.load_pack()
+    checks = {"sd3_gradients": sd3_gradients}
+    print(json.dumps(checks[group](pack, models)))
+
+
+if __name__ == "__main__":
+    main()
