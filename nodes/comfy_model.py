@@ -6,9 +6,9 @@ already applied. `rectifid_core.flows.denoiser.DenoiserFlow` walks Euler steps o
 exactly that callable, so this module only makes the call differentiable:
 
 - loader nodes run under torch.inference_mode(), so weights are inference tensors that
-  can never be saved for a backward pass: `make_trainable` swaps them, in place and one
-  tensor at a time, for normal tensors with the same bits (ordinary sampling afterwards
-  is unchanged; a tensor already normal is skipped, so it costs nothing the second time);
+  can never be saved for a backward pass: `make_trainable` swaps them, in place, for normal
+  tensors over the same memory (no copy; ordinary sampling afterwards is bit-identical; a
+  tensor already normal is skipped, so a second run costs nothing);
 - ComfyUI's default rope op (comfy_kitchen) has no backward and FLUX-family blocks add
   residuals in place onto tensors their LayerNorms saved; sage/flash attention kernels
   have no backward. `differentiable_calls` fixes all three for the duration of a run only.
@@ -32,10 +32,12 @@ STEP_RULE_KEY = "rectifid_step_rule"  # model_options entry: a StepRule, or a ca
 
 
 def make_trainable(module: torch.nn.Module) -> int:
-    """Replace every inference-tensor parameter and buffer of `module` by a normal tensor with the same bits.
+    """Make every inference-tensor parameter and buffer of `module` a normal tensor over the same memory.
 
-    One tensor is copied at a time and the old one released at once, so the extra peak
-    memory is about the largest tensor, not a second model. `requires_grad` is kept.
+    The new tensor views the old one's storage: nothing is copied, so no extra memory. It does not
+    require grad: RectifID differentiates with respect to the latents only, and an inference weight
+    behaves as one that does not (torch's linear takes another kernel path for non-contiguous
+    inputs when the weight requires grad), so ordinary sampling afterwards stays bit-identical.
     Returns how many tensors were converted (0 once a model has been converted).
     """
     converted = 0
@@ -45,11 +47,11 @@ def make_trainable(module: torch.nn.Module) -> int:
                 for name, tensor in list(store.items()):
                     if tensor is None or not tensor.is_inference():
                         continue
-                    copy = tensor.clone()
+                    normal = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                    normal.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
                     if isinstance(tensor, torch.nn.Parameter):
-                        copy = torch.nn.Parameter(copy, requires_grad=tensor.requires_grad)
-                    store[name] = copy
-                    del tensor, copy
+                        normal = torch.nn.Parameter(normal, requires_grad=False)
+                    store[name] = normal
                     converted += 1
     return converted
 

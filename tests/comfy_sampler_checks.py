@@ -160,12 +160,121 @@ def sd3_gradients(pack, models: Path) -> dict:
     return out
 
 
+def sd3_sampling(pack, models: Path) -> dict:
+    """(iii)-(vi): SamplerCustomAdvanced with the SAMPLER on a float32 model under inference mode, a face objective,
+    ordinary sampling before and after, cancel and progress, bad inputs."""
+    import comfy.model_management as mm
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    from comfy_extras.nodes_custom_sampler import SamplerCustomAdvanced, Noise_RandomNoise
+
+    import tiny_faces
+    from rectifid_core.objectives import FaceIdentityObjective, load_face_models
+
+    build = pack.nodes.comfy_sampler.RectifIDComfySampler().get_sampler
+    out: dict = {}
+    faces_root = models / "insightface"
+    if not faces_root.exists():
+        tiny_faces.build_antelopev2(faces_root)
+    with torch.inference_mode(False):
+        objective = FaceIdentityObjective(load_face_models(faces_root, provider="cpu"),
+                                          tiny_faces.face_image((64, 64), ((8, 8, 1.0, 0.3),), cell=4))
+    bundle = pack.nodes.common.ObjectiveBundle(objective, ["person"])
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append([value, total]))
+
+    with torch.inference_mode():
+        patcher = comfy.sd.load_diffusion_model(str(models / "sd3.safetensors"))
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae.safetensors")))
+        cond, _, _ = conditioning(1)
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds(cond, conditioning(2)[0])
+        guider.set_cfg(2.0)
+        sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", 4)
+        latent = {"samples": torch.zeros(1, 16, 8, 8)}
+        euler = comfy.samplers.sampler_object("euler")
+
+        def sample(sampler, sigmas=sigmas):
+            return SamplerCustomAdvanced.execute(Noise_RandomNoise(7), guider, sampler, sigmas, latent)[0]["samples"]
+
+        def loss(samples):
+            image = vae.decode(samples).movedim(-1, 1)
+            with torch.inference_mode(False):
+                return float(objective(image.clone()).loss.sum())
+
+        before = sample(euler)
+        out["inference_weights_before"] = next(patcher.model.parameters()).is_inference()
+        plain_sampler = build(bundle, vae, 0.0, 0, "auto", "anchored", "per_window")[0]
+        plain = sample(plain_sampler)
+        guided_sampler = build(bundle, vae, 0.0, 3, "auto", "anchored", "per_window")[0]
+        updates.clear()
+        guided = sample(guided_sampler)
+        out["progress"] = updates[:]
+        out["report"] = guided_sampler.extra_options["rectifid"].report
+        out["inference_weights_after"] = next(patcher.model.parameters()).is_inference()
+        after = sample(euler)
+        out["bit_identical"] = torch.equal(before, after)
+        out["plain_vs_euler"] = float((plain - before).abs().max() / before.abs().max())
+        out["loss"] = {"euler": loss(before), "plain": loss(plain), "guided": loss(guided)}
+        out["guided_changed"] = float((guided - plain).abs().max())
+        checkpoint_sampler = build(bundle, vae, 0.0, 1, "checkpoint", "anchored", "per_window")[0]
+        store_sampler = build(bundle, vae, 0.0, 1, "store", "anchored", "per_window")[0]
+        out["checkpoint_vs_store"] = float((sample(checkpoint_sampler) - sample(store_sampler)).abs().max())
+        images, one_box, report = pack.nodes.comfy_sampler.RectifIDComfySample().sample(
+            patcher, cond, conditioning(2)[0], vae, bundle, latent, 7, 4, 2.0, "normal", 0.0, 3, "auto", "anchored",
+            "per_window")
+        out["one_box_vs_custom_advanced"] = float((one_box["samples"] - guided).abs().max())
+        out["one_box_image_shape"] = list(images.shape)
+        out["one_box_report"] = report
+
+        calls = []
+
+        def cancel_after_first(value, total, preview, node_id=None):
+            calls.append(value)
+            mm.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(cancel_after_first)
+        try:
+            sample(build(bundle, vae, 0.0, 50, "store", "anchored", "per_window")[0])
+            out["cancelled"] = False
+        except mm.InterruptProcessingException:
+            out["cancelled"] = True
+        out["cancel_progress"] = calls
+        out["flag_left"] = mm.processing_interrupted()
+        comfy.utils.set_progress_bar_global_hook(None)
+
+        errors = {}
+
+        def error(name, call):
+            try:
+                call()
+                errors[name] = None
+            except Exception as exc:  # the message is what the test checks
+                errors[name] = f"{type(exc).__name__}: {exc}"
+
+        error("no_vae", lambda: build(bundle, None, 0.0, 2, "auto", "anchored", "per_window"))
+        error("no_objective", lambda: build(None, vae, 0.0, 2, "auto", "anchored", "per_window"))
+        small_vae = comfy.sd.VAE(sd=taesd_state_dict(4))
+        error("wrong_channels", lambda: sample(build(bundle, small_vae, 0.0, 2, "auto", "anchored", "per_window")[0]))
+        error("rising_sigmas", lambda: sample(plain_sampler, torch.tensor([1.0, 0.5, 0.7, 0.0])))
+    out["errors"] = errors
+    return out
+
+
+def taesd_state_dict(latent_channels: int) -> dict:
+    """A TAESD decoder state dict (what ComfyUI's VAE loader reads from vae_approx files), random weights."""
+    from comfy.taesd.taesd import TAESD
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in TAESD(latent_channels=latent_channels).state_dict().items()}
+
+
 def main() -> None:
     comfyui, models, group = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     setup(comfyui)
     import comfy_executor as ce
     pack = ce.load_pack()
-    checks = {"sd3_gradients": sd3_gradients}
+    checks = {"sd3_gradients": sd3_gradients, "sd3_sampling": sd3_sampling}
     print(json.dumps(checks[group](pack, models)))
 
 
