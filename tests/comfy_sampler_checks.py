@@ -45,13 +45,14 @@ def capture_flow(pack, guider, sigmas, noise, vae, work):
 
 
 def gradients(flow, rule, x, weights, target):
-    """d(sum w * step_k(x))/dx for every step from the same x, and d(image loss)/dx through the whole chain."""
+    """d(sum w * (step_k(x) - x))/dx (the model's part of each step) from the same x, and d(image loss)/dx through
+    the whole chain."""
     x = rule.start(x.detach().clone())
     cond = flow.conditioning(x.shape[0])
     per_step = []
     for k in range(flow.num_steps):
         z = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad((flow.step(z, k, cond) * weights).sum(), z)
+        (g,) = torch.autograd.grad(((flow.step(z, k, cond) - z) * weights).sum(), z)
         per_step.append(g)
     z = x.clone().requires_grad_(True)
     end = z
@@ -67,8 +68,8 @@ def reference_gradients(velocity, decode, x, sigmas, weights, target):
     per_step = []
     for k in range(len(sigmas) - 1):
         z = x.clone().requires_grad_(True)
-        step = z + (sigmas[k + 1] - sigmas[k]) * velocity(z, sigmas[k])
-        (g,) = torch.autograd.grad((step * weights).sum(), z)
+        increment = (sigmas[k + 1] - sigmas[k]) * velocity(z, sigmas[k])
+        (g,) = torch.autograd.grad((increment * weights).sum(), z)
         per_step.append(g)
     z = x.clone().requires_grad_(True)
     end = z
@@ -158,6 +159,63 @@ def sd3_gradients(pack, models: Path) -> dict:
     out["lora"] = comparison(ours_lora, theirs_lora)
     out["lora_changes_chain"] = rel_error(ours_lora[1], ours[1])
     return out
+
+
+def flux_gradients(pack, models: Path) -> dict:
+    """(i) for a FLUX.1-schnell-shaped model: ComfyUI's rope op and in-place residual blocks, differentiated through
+    the adapter, against diffusers' FluxTransformer2DModel (packed tokens, image ids) on the same float64 weights."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    import tiny_comfy_models as tcm
+
+    f64 = torch.float64
+    cond, cross, pooled = conditioning(3, f64)
+    gen = torch.Generator().manual_seed(4)
+    noise = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
+    weights = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
+    target = torch.rand(1, 3, 32, 32, generator=gen, dtype=f64)
+    reference = FluxTransformer2DModel(**tcm.FLUX_CONFIG).to(f64)
+    reference.load_state_dict(load_file(str(models / "flux.safetensors")))
+    ref_vae = AutoencoderKL(**tcm.VAE_CONFIG).to(f64)
+    ref_vae.load_state_dict(load_file(str(models / "vae.safetensors")))
+    reference.requires_grad_(False)
+    ref_vae.requires_grad_(False)
+    ids = torch.zeros(2, 2, 3, dtype=f64)
+    ids[..., 1] = torch.arange(2, dtype=f64)[:, None]
+    ids[..., 2] = torch.arange(2, dtype=f64)[None, :]
+
+    def velocity(x, sigma):
+        b, c, h, w = x.shape
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        t = torch.tensor([sigma], dtype=torch.float32).to(f64)  # ComfyUI's float32 timestep (multiplier 1)
+        v = reference(hidden_states=packed, timestep=t, pooled_projections=pooled, encoder_hidden_states=cross,
+                      txt_ids=torch.zeros(COND_TOKENS, 3, dtype=f64), img_ids=ids.reshape(-1, 3)).sample
+        v = v.float().to(f64).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return v
+
+    def decode(z):  # FLUX's latent format, then the VAE and ComfyUI's output mapping
+        image = ref_vae.decode(z / 0.3611 + 0.1159).sample
+        return ((image + 1.0) / 2.0).clamp(0, 1)
+
+    kitchen_rope = flux_math.apply_rope
+    f32 = torch.float32  # ComfyUI's rope kernel (comfy_kitchen) takes fp16, bf16 and fp32 only
+    with torch.inference_mode():
+        patcher = tcm.load_tiny_flux(models / "flux.safetensors", f32)
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae.safetensors")), dtype=f32)
+        sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 4)
+        guider = comfy.samplers.CFGGuider(patcher)
+        guider.set_conds([[cross.float(), {"pooled_output": pooled.float()}]], cond)
+        guider.set_cfg(1.0)
+        ours = capture_flow(pack, guider, sigmas, noise.float(), vae,
+                            lambda flow, rule, x: gradients(flow, rule, x, weights.float(), target.float()))
+    theirs = reference_gradients(velocity, decode, noise, [float(s) for s in sigmas.tolist()], weights, target)
+    return {"model": type(patcher.model).__name__, "sigmas": sigmas.tolist(), "comparison": comparison(ours, theirs),
+            "rope_module": getattr(kitchen_rope, "__module__", ""), "rope_restored": flux_math.apply_rope is kitchen_rope}
 
 
 def sd3_sampling(pack, models: Path) -> dict:
@@ -274,7 +332,7 @@ def main() -> None:
     setup(comfyui)
     import comfy_executor as ce
     pack = ce.load_pack()
-    checks = {"sd3_gradients": sd3_gradients, "sd3_sampling": sd3_sampling}
+    checks = {"sd3_gradients": sd3_gradients, "sd3_sampling": sd3_sampling, "flux_gradients": flux_gradients}
     print(json.dumps(checks[group](pack, models)))
 
 
