@@ -278,11 +278,12 @@ def sd3_sampling(pack, models: Path) -> dict:
         out["guided_changed"] = float((guided - plain).abs().max())
         checkpoint_sampler = build(bundle, vae, 0.0, 1, "checkpoint", "anchored", "per_window")[0]
         store_sampler = build(bundle, vae, 0.0, 1, "store", "anchored", "per_window")[0]
-        out["checkpoint_vs_store"] = float((sample(checkpoint_sampler) - sample(store_sampler)).abs().max())
+        stored = sample(store_sampler)
+        out["checkpoint_vs_store"] = float((sample(checkpoint_sampler) - stored).abs().max())
         images, one_box, report = pack.nodes.comfy_sampler.RectifIDComfySample().sample(
-            patcher, cond, conditioning(2)[0], vae, bundle, latent, 7, 4, 2.0, "normal", 0.0, 3, "auto", "anchored",
+            patcher, cond, conditioning(2)[0], vae, bundle, latent, 7, 4, 2.0, "normal", 0.0, 1, "auto", "anchored",
             "per_window")
-        out["one_box_vs_custom_advanced"] = float((one_box["samples"] - guided).abs().max())
+        out["one_box_vs_custom_advanced"] = float((one_box["samples"] - stored).abs().max())
         out["one_box_image_shape"] = list(images.shape)
         out["one_box_report"] = report
 
@@ -321,7 +322,7 @@ def sd3_sampling(pack, models: Path) -> dict:
 
 
 def taesd_state_dict(latent_channels: int) -> dict:
-    """A TAESD decoder state dict (what ComfyUI's VAE loader reads from vae_approx files), random weights."""
+    """A TAESD state dict (what ComfyUI's VAELoader reads from vae_approx files), random weights."""
     from comfy.taesd.taesd import TAESD
     torch.manual_seed(0)
     return {k: v.clone() for k, v in TAESD(latent_channels=latent_channels).state_dict().items()}

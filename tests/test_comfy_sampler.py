@@ -101,7 +101,7 @@ def test_one_box_node_is_the_sampler_inside_comfyuis_guider(sampling):
     """(iv) 'RectifID Sample (ComfyUI model)' = CFGGuider + the scheduler's sigmas + the SAMPLER, same seed."""
     assert sampling["one_box_vs_custom_advanced"] == 0.0
     assert sampling["one_box_image_shape"] == [1, 64, 64, 3]
-    assert sampling["one_box_report"].startswith("settings: 4 steps")
+    assert sampling["one_box_report"].startswith("settings: 4 steps") and "1 iteration," in sampling["one_box_report"]
 
 
 def test_ordinary_sampling_afterwards_is_bit_identical(sampling):
