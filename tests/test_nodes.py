@@ -16,7 +16,7 @@ import comfy_executor as ce
 PACK = ce.load_pack()
 CLASSES = PACK.NODE_CLASS_MAPPINGS
 SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "RECTIFIED_FLOW", "RECTIFID_DISCRIMINATOR", "RECTIFID_SUBJECT",
-                "RECTIFID_OBJECTIVE"}
+                "RECTIFID_OBJECTIVE", "MODEL", "VAE", "CONDITIONING", "SAMPLER"}  # the last four: ComfyUI's own
 
 
 @pytest.fixture(params=sorted(CLASSES), ids=str)
