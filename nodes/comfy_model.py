@@ -56,6 +56,24 @@ def make_trainable(module: torch.nn.Module) -> int:
     return converted
 
 
+def normal_conds(conds: dict[str, list[dict[str, Any]]]) -> int:
+    """Clone the inference tensors in a guider's per-run conds (CONDRegular.cond), so no op can fail to save one.
+
+    These are the conds ComfyUI built for this run (process_conds), not the user's CONDITIONING.
+    Returns how many were cloned.
+    """
+    cloned = 0
+    with torch.inference_mode(False):
+        for entries in conds.values():
+            for entry in entries:
+                for cond in (entry.get("model_conds") or {}).values():
+                    tensor = getattr(cond, "cond", None)
+                    if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                        cond.cond = tensor.clone()
+                        cloned += 1
+    return cloned
+
+
 class _RopeWithBackward(torch.autograd.Function):
     """ComfyUI's rope op in the forward (same numbers as ordinary sampling) with its exact backward.
 

@@ -22,7 +22,8 @@ from rectifid_core.pipeline import summarize
 
 from . import comfy_bridge as bridge
 from .common import ObjectiveBundle, autograd_enabled
-from .comfy_model import differentiable_calls, make_trainable, step_rule, vae_decoder, with_attention_override
+from .comfy_model import (differentiable_calls, make_trainable, normal_conds, step_rule, vae_decoder,
+                          with_attention_override)
 from .sampler import ESTIMATE_MARGIN, _plural, _preview, log_report, outcome_lines
 
 SAMPLER_MEMORY_MODES = ("auto", "store", "recompute_vae", "checkpoint")
@@ -103,6 +104,7 @@ def comfy_flow(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
     mm.load_models_gpu([patcher, vae.patcher], memory_required=memory_required, force_full_load=True)
     make_trainable(patcher.model)
     make_trainable(vae.first_stage_model)
+    normal_conds(guider.conds)
     with autograd_enabled(), differentiable_calls(base_model.diffusion_model):
         own_sigmas = sigmas.detach().to("cpu", torch.float32).clone()
         rule = step_rule(extra_args.get("model_options") or {}, own_sigmas)

@@ -29,6 +29,29 @@ def conditioning(seed: int, dtype: torch.dtype = torch.float32) -> tuple[list, t
     return [[cross, {"pooled_output": pooled}]], cross, pooled
 
 
+def probe(seed: int) -> tuple:
+    """float64 conditioning, starting noise [1,16,4,4], per-step weights and a 32x32 target image for a loss."""
+    cond, cross, pooled = conditioning(seed, torch.float64)
+    gen = torch.Generator().manual_seed(seed + 1)
+    noise, weights = (torch.randn(1, 16, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    return cond, cross, pooled, noise, weights, torch.rand(1, 3, 32, 32, generator=gen, dtype=torch.float64), gen
+
+
+def reference_vae(models: Path):
+    """diffusers' AutoencoderKL in float64 with the weights ComfyUI's VAE loads, and ComfyUI's decode around it."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    import tiny_comfy_models as tcm
+    vae = AutoencoderKL(**tcm.VAE_CONFIG).to(torch.float64)
+    vae.load_state_dict(load_file(str(models / "vae.safetensors")))
+    vae.requires_grad_(False)
+
+    def decode(z, scale, shift):  # the latent format, the VAE and ComfyUI's output mapping
+        return ((vae.decode(z / scale + shift).sample + 1.0) / 2.0).clamp(0, 1)
+    return decode
+
+
 def capture_flow(pack, guider, sigmas, noise, vae, work):
     """Run ComfyUI's sampling with a sampler function that hands the RectifID flow to `work(flow, rule, x)`."""
     import comfy.samplers
@@ -95,17 +118,13 @@ def sd3_gradients(pack, models: Path) -> dict:
     import comfy.samplers
     import comfy.sd
     import comfy.utils
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
     from safetensors.torch import load_file
 
     import tiny_comfy_models as tcm
 
     f64 = torch.float64
-    cond, cross, pooled = conditioning(1, f64)
-    gen = torch.Generator().manual_seed(2)
-    noise = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
-    weights = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
-    target = torch.rand(1, 3, 32, 32, generator=gen, dtype=f64)
+    cond, cross, pooled, noise, weights, target, gen = probe(1)
     rank = 2
     lora = {}
     for name, (out_dim, in_dim) in {"transformer_blocks.0.attn.to_q": (128, 128),
@@ -116,10 +135,8 @@ def sd3_gradients(pack, models: Path) -> dict:
 
     reference = SD3Transformer2DModel(**tcm.SD3_CONFIG).to(f64)
     reference.load_state_dict(load_file(str(models / "sd3.safetensors")))
-    ref_vae = AutoencoderKL(**tcm.VAE_CONFIG).to(f64)
-    ref_vae.load_state_dict(load_file(str(models / "vae.safetensors")))
     reference.requires_grad_(False)
-    ref_vae.requires_grad_(False)
+    vae_decode = reference_vae(models)
 
     def velocity(x, sigma):
         # ComfyUI hands the model a float32 timestep and rounds its output to float32 (model_base._apply_model)
@@ -127,9 +144,8 @@ def sd3_gradients(pack, models: Path) -> dict:
         v = reference(hidden_states=x, timestep=t, encoder_hidden_states=cross, pooled_projections=pooled).sample
         return v.float().to(f64)
 
-    def decode(z):  # the SD3 latent format, then the VAE and ComfyUI's output mapping
-        image = ref_vae.decode(z / 1.5305 + 0.0609).sample
-        return ((image + 1.0) / 2.0).clamp(0, 1)
+    def decode(z):
+        return vae_decode(z, 1.5305, 0.0609)  # SD3's latent format
 
     out = {}
     with torch.inference_mode():
@@ -168,23 +184,17 @@ def flux_gradients(pack, models: Path) -> dict:
     import comfy.samplers
     import comfy.sd
     import comfy.utils
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
     import tiny_comfy_models as tcm
 
     f64 = torch.float64
-    cond, cross, pooled = conditioning(3, f64)
-    gen = torch.Generator().manual_seed(4)
-    noise = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
-    weights = torch.randn(1, 16, 4, 4, generator=gen, dtype=f64)
-    target = torch.rand(1, 3, 32, 32, generator=gen, dtype=f64)
+    cond, cross, pooled, noise, weights, target, _ = probe(3)
     reference = FluxTransformer2DModel(**tcm.FLUX_CONFIG).to(f64)
     reference.load_state_dict(load_file(str(models / "flux.safetensors")))
-    ref_vae = AutoencoderKL(**tcm.VAE_CONFIG).to(f64)
-    ref_vae.load_state_dict(load_file(str(models / "vae.safetensors")))
     reference.requires_grad_(False)
-    ref_vae.requires_grad_(False)
+    vae_decode = reference_vae(models)
     ids = torch.zeros(2, 2, 3, dtype=f64)
     ids[..., 1] = torch.arange(2, dtype=f64)[:, None]
     ids[..., 2] = torch.arange(2, dtype=f64)[None, :]
@@ -198,9 +208,8 @@ def flux_gradients(pack, models: Path) -> dict:
         v = v.float().to(f64).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
         return v
 
-    def decode(z):  # FLUX's latent format, then the VAE and ComfyUI's output mapping
-        image = ref_vae.decode(z / 0.3611 + 0.1159).sample
-        return ((image + 1.0) / 2.0).clamp(0, 1)
+    def decode(z):
+        return vae_decode(z, 0.3611, 0.1159)  # FLUX's latent format
 
     kitchen_rope = flux_math.apply_rope
     f32 = torch.float32  # ComfyUI's rope kernel (comfy_kitchen) takes fp16, bf16 and fp32 only
