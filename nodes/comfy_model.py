@@ -158,7 +158,7 @@ def step_rule(model_options: dict[str, Any], sigmas: torch.Tensor) -> StepRule:
     rule = model_options.get(STEP_RULE_KEY)
     if rule is None:
         return EulerSigmas(sigmas.tolist())
-    if callable(rule) and not hasattr(rule, "step"):
+    if isinstance(rule, type) or (callable(rule) and not hasattr(rule, "step")):
         rule = rule(sigmas)
     for name in ("num_steps", "step", "anchor_coefficients", "start", "finish"):
         if not hasattr(rule, name):

@@ -67,14 +67,16 @@ def memory_estimates(base_model: Any, vae: Any, shape: tuple[int, ...], steps: i
     return {mode: int(ESTIMATE_MARGIN * value) for mode, value in kept.items()}
 
 
-def resolve_memory(memory: str, estimates: dict[str, int], device: torch.device) -> str:
-    """auto: the fastest mode whose estimate fits ComfyUI's count of free memory (store on the CPU)."""
+def resolve_memory(memory: str, estimates: dict[str, int], device: torch.device, to_load: int = 0) -> str:
+    """auto: the fastest mode whose estimate fits ComfyUI's count of free memory less the `to_load` bytes of weights
+    still to come (the VAE's), on the CPU store."""
     if memory != "auto":
         return memory
     free = bridge.free_memory(device)
     if free is None:
         return AUTO_MEMORY_ORDER[0]
-    return next((m for m in AUTO_MEMORY_ORDER if estimates[m] <= AUTO_HEADROOM * free), AUTO_MEMORY_ORDER[-1])
+    room = AUTO_HEADROOM * max(0, free - to_load)
+    return next((m for m in AUTO_MEMORY_ORDER if estimates[m] <= room), AUTO_MEMORY_ORDER[-1])
 
 
 def _check_latent(x: torch.Tensor, vae: Any) -> None:
@@ -104,13 +106,14 @@ def comfy_flow(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: di
     mm.load_models_gpu([patcher, vae.patcher], memory_required=memory_required, force_full_load=True)
     make_trainable(patcher.model)
     make_trainable(vae.first_stage_model)
-    normal_conds(guider.conds)
+    normal_conds(getattr(guider, "conds", None) or {})
     with autograd_enabled(), differentiable_calls(base_model.diffusion_model):
         own_sigmas = sigmas.detach().to("cpu", torch.float32).clone()
         rule = step_rule(extra_args.get("model_options") or {}, own_sigmas)
         run_args = with_attention_override(extra_args)
         decode = vae_decoder(vae, base_model, own_sigmas[-1].to(x.device))
-        flow = DenoiserFlow(lambda z, sigma: model(z, sigma, **run_args), lambda z: decode(rule.finish(z)), rule,
+        flow = DenoiserFlow(lambda z, sigma: model(z, sigma, **run_args),
+                            lambda z: decode(rule.finish(z)).to(x.device), rule,
                             latent_channels=x.shape[1], vae_scale_factor=int(getattr(vae, "upscale_ratio", 8)),
                             device=x.device, dtype=x.dtype)
         yield flow, rule
@@ -133,7 +136,8 @@ def sample_rectifid(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_arg
     config = rectifid.guidance
     if config.scale is None:
         config = dataclasses.replace(config, scale=auto_guidance_scale(objective.objective))
-    config = dataclasses.replace(config, memory=resolve_memory(config.memory, estimates, x.device))
+    vae_to_load = int(vae.patcher.model_size() - vae.patcher.loaded_size())
+    config = dataclasses.replace(config, memory=resolve_memory(config.memory, estimates, x.device, vae_to_load))
     config.validate()
     bridge.check_interrupt()
     progress = bridge.Progress(max(1, config.iterations))

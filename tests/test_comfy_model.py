@@ -75,6 +75,7 @@ def test_step_rule_from_the_model_options_is_used_as_given_or_built_from_the_sig
     seen = []
     built = step_rule({STEP_RULE_KEY: lambda sigmas: seen.append(sigmas) or given}, SIGMAS)
     assert built is given and torch.equal(seen[0], SIGMAS)
+    assert step_rule({STEP_RULE_KEY: EulerSigmas}, SIGMAS).sigmas == SIGMAS.tolist()  # a class is a factory too
 
 
 @pytest.mark.parametrize("rule, error, words", [
