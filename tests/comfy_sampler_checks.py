@@ -224,7 +224,28 @@ def flux_gradients(pack, models: Path) -> dict:
                             lambda flow, rule, x: gradients(flow, rule, x, weights.float(), target.float()))
     theirs = reference_gradients(velocity, decode, noise, [float(s) for s in sigmas.tolist()], weights, target)
     return {"model": type(patcher.model).__name__, "sigmas": sigmas.tolist(), "comparison": comparison(ours, theirs),
-            "rope_module": getattr(kitchen_rope, "__module__", ""), "rope_restored": flux_math.apply_rope is kitchen_rope}
+            "rope_module": getattr(kitchen_rope, "__module__", ""), "rope_restored": flux_math.apply_rope is kitchen_rope,
+            "without_fixes": flux_backward_without_fixes(pack, patcher.model.diffusion_model)}
+
+
+def flux_backward_without_fixes(pack, diffusion_model) -> dict:
+    """Why the adapter patches anything: ComfyUI's Flux blocks backpropagated with ComfyUI's rope op, and with a rope
+    that has a backward but without the LayerNorm input copies."""
+    import comfy.ldm.flux.math as flux_math
+    comfy_model = pack.nodes.comfy_model
+    x = torch.randn(1, 16, 4, 4, requires_grad=True)
+    inputs = (torch.tensor([0.5]), torch.randn(1, COND_TOKENS, COND_DIM))
+    kitchen_rope, errors = flux_math.apply_rope, {}
+    for name, rope in (("kitchen_rope", kitchen_rope), ("no_norm_copies", comfy_model._rope_with_backward(kitchen_rope))):
+        flux_math.apply_rope = rope
+        try:
+            diffusion_model(x, *inputs, y=torch.randn(1, POOLED_DIM)).sum().backward()
+            errors[name] = None
+        except RuntimeError as exc:
+            errors[name] = str(exc)
+        finally:
+            flux_math.apply_rope = kitchen_rope
+    return errors
 
 
 def sd3_sampling(pack, models: Path) -> dict:

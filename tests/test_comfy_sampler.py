@@ -84,6 +84,14 @@ def test_flux_gradients_through_comfyuis_rope_and_in_place_blocks_equal_diffuser
     assert flux["rope_module"] == "comfy_kitchen" and flux["rope_restored"]
 
 
+def test_flux_blocks_need_both_fixes(flux):
+    """What the adapter works around, as ComfyUI 0.8.0 is: its rope op has no backward, and its blocks add residuals
+    in place onto the inputs their LayerNorms saved."""
+    errors = flux["without_fixes"]
+    assert "no autograd formula" in errors["kitchen_rope"]
+    assert "modified by an inplace operation" in errors["no_norm_copies"]
+
+
 def test_guided_sampling_through_sampler_custom_advanced_improves_the_face_objective(sampling):
     """(iv) The real SamplerCustomAdvanced node runs the SAMPLER end to end under inference mode; the guided result
     scores better than the unguided (N = 0) one, which is ComfyUI's Euler sampling up to rounding."""
