@@ -26,6 +26,7 @@ FLUX_FLOAT32 = 1e-5
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    ce.comfyui_path()  # skips, saying where it looked, before anything is built
     root = tmp_path_factory.mktemp("comfy-models")
     tcm.build_sd3(root / "sd3.safetensors")
     tcm.build_vae(root / "vae.safetensors")
