@@ -1,6 +1,7 @@
 """RectifID nodes; the classes are thin, the work happens in rectifid_core."""
 from . import comfy_bridge
 from .checkpoint_flows import RectifIDCheckpointFlow
+from .comfy_sampler import RectifIDComfySample, RectifIDComfySampler
 from .loaders import RectifIDClipModelLoader, RectifIDFaceModelLoader, RectifIDFlowLoader, RectifIDObjectModelLoader
 from .sampler import RectifIDSampler
 from .subjects import RectifIDDetectCrop, RectifIDMatchSubjects, RectifIDSubject
@@ -17,6 +18,8 @@ NODE_CLASS_MAPPINGS = {
     "RectifIDMatchSubjects": RectifIDMatchSubjects,
     "RectifIDSampler": RectifIDSampler,
     "RectifIDCheckpointFlow": RectifIDCheckpointFlow,
+    "RectifIDComfySampler": RectifIDComfySampler,
+    "RectifIDComfySample": RectifIDComfySample,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -27,6 +30,8 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "RectifIDDetectCrop": "Detect & Crop Subject (RectifID)",
     "RectifIDSubject": "Reference Subject (RectifID)",
     "RectifIDMatchSubjects": "Match Subjects (RectifID)",
-    "RectifIDSampler": "RectifID Sampler",
+    "RectifIDSampler": "RectifID Sampler (own flow loader)",
+    "RectifIDComfySampler": "RectifID Sampler",
+    "RectifIDComfySample": "RectifID Sample (ComfyUI model)",
     "RectifIDCheckpointFlow": "RectifID Checkpoint Flow",
 }

@@ -48,6 +48,9 @@ def _comfy_module(name: str) -> Any | None:
         if name == "utils":
             import comfy.utils
             return comfy.utils
+        if name == "samplers":
+            import comfy.samplers
+            return comfy.samplers
         if name == "cli_args":
             import comfy.cli_args
             return comfy.cli_args
@@ -192,6 +195,12 @@ def check_interrupt() -> None:
         if _interrupt_flag:
             _interrupt_flag = False
             raise ProcessingInterrupted("processing interrupted by the user")
+
+
+def scheduler_names() -> list[str]:
+    """ComfyUI's sigma schedulers (outside ComfyUI, where nothing can sample, the two few-step flows use)."""
+    samplers = _comfy_module("samplers")
+    return list(samplers.SCHEDULER_NAMES) if samplers is not None else ["simple", "normal"]
 
 
 def previews_enabled() -> bool:

@@ -78,6 +78,12 @@ def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
              f"{_shown(used.num_steps, asked.num_steps)} steps, {_plural(g.iterations, 'iteration')}, guidance scale "
              f"{_shown(g.scale, asked.guidance.scale)}, CFG {_shown(used.cfg_scale, asked.cfg_scale)}, solver {g.mode}, "
              f"c_k {g.ck_mode}, memory {g.memory}, seed {used.seed}, batch {used.batch_size}"]
+    return lines + outcome_lines(result)
+
+
+def outcome_lines(result: PersonalizeResult) -> list[str]:
+    """Every subject's similarity (final, first iteration, best), the loss before and after, the warnings."""
+    lines = []
     for name, value in result.final_similarities.items():
         series = [v for v in result.similarities.get(name, []) if v is not None]
         start = f" (first iteration {series[0]:.3f}, best {max(series):.3f})" if series else ""
@@ -89,6 +95,12 @@ def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
                      f"{_plural(n, 'iteration')}")
     lines += [f"warning: {w}" for w in result.warnings]
     return lines
+
+
+def log_report(lines: list[str]) -> None:
+    """The console shows the report (warnings as warnings) even where its output is not connected."""
+    for line in lines:
+        logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "RectifID: %s", line)
 
 
 class RectifIDSampler:
@@ -201,7 +213,6 @@ class RectifIDSampler:
         if len(result.losses) < progress.total:  # N=0 or stopped early: still show the bar as done
             progress.update(progress.total)
         lines = report(result, asked)
-        for line in lines:  # the console shows warnings even where the report is not connected
-            logger.log(logging.WARNING if line.startswith("warning: ") else logging.INFO, "RectifID: %s", line)
+        log_report(lines)
         plot = plot_history(result.losses, result.similarities)
         return (image_to_comfy(result.images), {"samples": flow.vae_latent(result.latent)}, image_to_comfy(plot), "\n".join(lines))

@@ -197,12 +197,18 @@ def personalize(flow: RectifiedFlow, objective: Objective, settings: Personalize
                        settings.cfg_scale)
     noise = initial_noise(shape, settings.seed, flow.device, flow.dtype)
     result: GuidanceResult = guide(flow, cond, objective, noise, settings.guidance, callback, interrupt)
+    return dataclasses.replace(summarize(result, objective, labels, flow.device), settings=settings)
 
+
+def summarize(result: GuidanceResult, objective: Objective, labels: list[str] | None,
+              device: torch.device | str) -> PersonalizeResult:
+    """A guidance run as the user reads it: similarity history and final similarity per subject, the final loss
+    (the objective scored once more on the output) and every warning; `settings` is left for the caller."""
     per_iteration = [subject_similarities(d, labels) for d in result.diagnostics]
     names = list(dict.fromkeys(k for d in per_iteration for k in d))
     similarities = {name: [d.get(name) for d in per_iteration] for name in names}
     with torch.no_grad():
-        final = as_output(objective(result.image.to(flow.device)))
+        final = as_output(objective(result.image.to(device)))
     final_loss = _as_float(final.loss.sum())
     warnings = missing_subject_warnings(result.diagnostics, final.diagnostics, labels)
     if result.stopped_early:
@@ -217,7 +223,6 @@ def personalize(flow: RectifiedFlow, objective: Objective, settings: Personalize
         final_loss=final_loss,
         stopped_early=result.stopped_early,
         warnings=warnings,
-        settings=settings,
     )
 
 

@@ -17,7 +17,7 @@ import comfyui_runtime as cr
 PACK = ce.load_pack()
 CLASSES = PACK.NODE_CLASS_MAPPINGS
 SOCKET_TYPES = {"IMAGE", "MASK", "LATENT", "RECTIFIED_FLOW", "RECTIFID_DISCRIMINATOR", "RECTIFID_SUBJECT",
-                "RECTIFID_OBJECTIVE", "MODEL", "SIGMAS"}
+                "RECTIFID_OBJECTIVE", "MODEL", "VAE", "CONDITIONING", "SAMPLER", "SIGMAS"}  # the last five: ComfyUI's own
 
 
 @pytest.fixture(params=sorted(CLASSES), ids=str)
