@@ -5,6 +5,7 @@ node over a tiny SD1.5 UNet that ComfyUI's own loader read, against our diffuser
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,6 @@ def load_with_comfyui(unet: torch.nn.Module, folder: Path) -> Any:
         return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": DTYPE})
 
 
-def weights_to_normal_tensors(model: Any) -> None:
-    """Test-only: the loader made inference tensors, which autograd cannot save; copy them one at a time into
-    normal tensors (the RectifID SAMPLER owns the production conversion)."""
-    with torch.inference_mode(False):
-        for module in model.model.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in list(store.items()):
-                    if t is not None and t.is_inference():
-                        copy = t.clone()
-                        store[name] = torch.nn.Parameter(copy, requires_grad=False) if store is module._parameters \
-                            else copy
-
-
 def backend(unet: torch.nn.Module, vae: torch.nn.Module, prediction: str, steps: int) -> Any:
     components = StableDiffusionComponents(unet=unet, vae=vae, text_encoder=None, tokenizer=None)
     if prediction == "euler_velocity":
@@ -73,8 +61,8 @@ class Case:
     """One flow type and step count: the node run as ComfyUI runs it, then a sampler that compares."""
 
     def __init__(self, model: Any, unet: torch.nn.Module, vae: torch.nn.Module, node: Any, flow_type: str,
-                 prediction: str, steps: int, seen_comfy: list[float], seen_ours: list[float]) -> None:
-        self.flow_type, self.prediction, self.steps = flow_type, prediction, steps
+                 prediction: str, steps: int, seen_comfy: list[float], seen_ours: list[float], step_rule: Any) -> None:
+        self.flow_type, self.prediction, self.steps, self.step_rule = flow_type, prediction, steps, step_rule
         with torch.inference_mode():
             self.model, self.sigmas = node.patch(model, flow_type, prediction, steps)
         self.ref = backend(unet, vae, "euler_velocity" if flow_type != "perflow" else prediction,
@@ -99,7 +87,7 @@ class Case:
                 disable: Any = None) -> torch.Tensor:
         """A sampler function: our DenoiserFlow over the denoiser ComfyUI hands a sampler, beside the backend."""
         with torch.inference_mode(False), torch.enable_grad():
-            rule = extra_args["model_options"]["rectifid_step_rule"](sigmas)
+            rule = self.step_rule(extra_args["model_options"], sigmas)  # the SAMPLER's hook
             ours = DenoiserFlow(lambda xx, s: model(xx, s, **extra_args), lambda z: z, rule, latent_channels=4,
                                 vae_scale_factor=2, device="cpu", dtype=DTYPE)
             self.out["start_error"] = _rel(rule.start(x.detach().clone()), self.noise)
@@ -162,7 +150,9 @@ def run(pack: Any, cases: list[tuple[str, str, int]], refusals: bool = False) ->
     unet, vae = tiny_comfy_sd15_unet(seed=3), tiny_vae()
     with tempfile.TemporaryDirectory() as tmp:
         model = load_with_comfyui(unet, Path(tmp))
-    weights_to_normal_tensors(model)
+    comfy_model = sys.modules[pack.__name__ + ".nodes.comfy_model"]
+    comfy_model.make_trainable(model.model)  # as the RectifID SAMPLER does, once per model
+    step_rule = comfy_model.step_rule
     seen_comfy: list[float] = []
     seen_ours: list[float] = []
     hooks = [_timestep_recorder(model.model.diffusion_model, seen_comfy), _timestep_recorder(unet, seen_ours)]
@@ -171,7 +161,7 @@ def run(pack: Any, cases: list[tuple[str, str, int]], refusals: bool = False) ->
         "model_sampling": type(eps_sampling).__mro__[1].__name__,
         # what ComfyUI's own EPS sampling would pass the UNet for PeRFlow's first sigma (t = 1000)
         "eps_timestep_at_sigma_max": float(eps_sampling.timestep(eps_sampling.sigma_max.reshape(1) * 1.01)),
-        "cases": [Case(model, unet, vae, node, *case, seen_comfy, seen_ours).run() for case in cases]}
+        "cases": [Case(model, unet, vae, node, *case, seen_comfy, seen_ours, step_rule).run() for case in cases]}
     for hook in hooks:
         hook.remove()
     if not refusals:
