@@ -185,7 +185,13 @@ def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps
 
 
 def memory_family(flow: RectifiedFlow) -> str:
-    """Which fitted activation model (ACTIVATION_BYTES) describes this flow's architecture."""
+    """Which fitted activation model (ACTIVATION_BYTES) describes this flow's architecture.
+
+    A backend names its own family in `activation_family` (the FLUX / SD3 flows do); UNet flows are sd15 or sdxl.
+    """
+    family = getattr(flow, "activation_family", None)
+    if family is not None:
+        return family
     return "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
 
 

@@ -51,6 +51,7 @@ _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_mo
 # flow-matching transformer pipelines -> our flow type
 _TRANSFORMER_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 _TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+TRANSFORMER_FLOW_TYPES = tuple(_TRANSFORMER_CLASSES)
 _PARTS = {
     "model_index.json": "the pipeline index (model_index.json) naming the components",
     "unet": "the UNet2DConditionModel (config.json + diffusion_pytorch_model*.safetensors)",
