@@ -30,22 +30,12 @@ SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_
 
 
 def write_t5_tokenizer(folder: Path) -> int:
-    """Save a small Unigram T5 tokenizer (T5TokenizerFast, tokenizer.json); returns its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
+    """Save the benchmark's letters-only Unigram T5 tokenizer (T5TokenizerFast, tokenizer.json); returns its size."""
+    from rectifid_core.benchmark.transformer_models import letters_t5_tokenizer
 
-    words = ("a", "photo", "of", "the", "person", "cat", "portrait", "man", "woman")
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581" + w, -1.0) for w in words]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                       special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
-                    model_max_length=512).save_pretrained(folder)
-    return len(vocab)
+    tok = letters_t5_tokenizer()
+    tok.save_pretrained(folder)
+    return len(tok)
 
 
 def _t5(folder: Path, vocab_size: int) -> None:
@@ -134,3 +124,40 @@ def cached_folder(kind: str) -> Path:
         atexit.register(shutil.rmtree, root, True)
         _CACHE[kind] = _BUILDERS[kind](root / kind)
     return _CACHE[kind]
+
+
+def float64_flow_and_pipeline(folder: Path, steps: int | None = None) -> tuple:
+    """Our flow and diffusers' own pipeline over one folder, each loaded by its own code, both in float64."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from rectifid_core.flows import load_flow
+
+    flow = load_flow(folder, dtype="fp32", device="cpu", steps=steps)
+    flow = type(flow)(flow.components, flow.num_steps, "cpu", torch.float64)  # casts the models in place
+    pipeline_cls = FluxPipeline if flow.activation_family == "flux" else StableDiffusion3Pipeline
+    pipe = pipeline_cls.from_pretrained(folder).to(dtype=torch.float64)
+    pipe.set_progress_bar_config(disable=True)
+    return flow, pipe
+
+
+def gradient_of_rollout(flow, cond, noise: torch.Tensor) -> torch.Tensor:
+    """d mean(decoded image^2) / d noise through every step: the gradient the guidance solver needs."""
+    z0 = noise.clone().requires_grad_(True)
+    z = z0
+    for i in range(flow.num_steps):
+        z = flow.step(z, i, cond)
+    return torch.autograd.grad(flow.decode(z).pow(2).mean(), z0)[0]
+
+
+def count_forward_calls(module: torch.nn.Module, monkeypatch) -> list[bool]:
+    """Record every run of module.forward (grad mode at the time); the checkpoint's recomputation included, which
+    forward hooks do not see."""
+    calls: list[bool] = []
+    forward = module.forward
+
+    def counting(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", counting)
+    return calls
