@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--flow", required=True, type=Path,
                    help="diffusers folder of a rectified flow (PeRFlow, InstaFlow, 2-rectified flow, "
                         "FLUX.1-schnell, SD3.5 Large Turbo)")
-    m.add_argument("--flow-type", default="auto", help="auto, perflow, euler_velocity, flux or sd3 (default auto: from the folder)")
+    m.add_argument("--flow-type", default="auto",
+                   help="auto, perflow, euler_velocity, flux or sd3 (default auto: from the folder)")
     m.add_argument("--prediction-type", default="auto", help="PeRFlow prediction type (default auto)")
     m.add_argument("--faces", type=Path, help="insightface folder holding antelopev2 (face subjects)")
     m.add_argument("--provider", default="auto",
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=auto_or(int), default=None, metavar="auto|H", help="image height (default auto)")
     g.add_argument("--steps", type=auto_or(int), default=None, metavar="auto|S",
                    help="model calls per pass (default auto: the flow's K trained windows, 4 for PeRFlow; more "
-                        "steps run inside PeRFlow's windows; 2-RF/InstaFlow, FLUX and SD3 take it as their Euler steps, 4 "
-                        "for FLUX.1-schnell and SD3.5 Large Turbo)")
+                        "steps run inside PeRFlow's windows; 2-RF/InstaFlow, FLUX and SD3 take it as their Euler "
+                        "steps, 4 for FLUX.1-schnell and SD3.5 Large Turbo)")
     g.add_argument("--iterations", type=int, default=20, help="N guidance iterations: 20 fast, 50, 100 best")
     g.add_argument("--scale", type=auto_or(float), default=None, metavar="auto|S",
                    help="guidance scale s (default auto: 1.0 for faces, 2.0 when an object subject is present)")

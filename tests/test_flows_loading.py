@@ -22,7 +22,7 @@ def copy_folder(kind, dest, scheduler=None, index=None):
 
 
 def test_constants_list_auto_first():
-    assert FLOW_TYPES == ("auto", "perflow", "euler_velocity")
+    assert FLOW_TYPES == ("auto", "perflow", "euler_velocity", "flux", "sd3")
     assert PREDICTION_TYPES == ("auto", "diff_eps", "ddim_eps", "velocity")
 
 

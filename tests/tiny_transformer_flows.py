@@ -13,6 +13,7 @@ import atexit
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,7 +127,7 @@ def cached_folder(kind: str) -> Path:
     return _CACHE[kind]
 
 
-def float64_flow_and_pipeline(folder: Path, steps: int | None = None) -> tuple:
+def float64_flow_and_pipeline(folder: Path, steps: int | None = None, **pipeline_parts: Any) -> tuple:
     """Our flow and diffusers' own pipeline over one folder, each loaded by its own code, both in float64."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -135,7 +136,7 @@ def float64_flow_and_pipeline(folder: Path, steps: int | None = None) -> tuple:
     flow = load_flow(folder, dtype="fp32", device="cpu", steps=steps)
     flow = type(flow)(flow.components, flow.num_steps, "cpu", torch.float64)  # casts the models in place
     pipeline_cls = FluxPipeline if flow.activation_family == "flux" else StableDiffusion3Pipeline
-    pipe = pipeline_cls.from_pretrained(folder).to(dtype=torch.float64)
+    pipe = pipeline_cls.from_pretrained(folder, **pipeline_parts).to(dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)
     return flow, pipe
 

@@ -26,15 +26,17 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..guidance import initial_noise
-from .measure import activation_bytes, environment
+from .measure import activation_bytes, environment, profiled_peak_bytes, retained_bytes
 from .models import build_models
 from .transformer_models import TRANSFORMER_FAMILIES, transformer_width
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BLOCK_RECOMPUTE = ("window_block_recompute", "window_block_recompute_peak")
 
 
 def fit(points: list[tuple[int, int]]) -> tuple[float, float]:
@@ -46,6 +48,20 @@ def fit(points: list[tuple[int, int]]) -> tuple[float, float]:
     return fixed, per
 
 
+def block_recompute_bytes(flow: Any, cond: Any, noise: torch.Tensor) -> dict[str, int]:
+    """What one step keeps with its transformer blocks recomputed (the block inputs), and the peak of its
+    forward+backward (those plus one block's activations)."""
+    flow.set_memory_saving(True)
+    try:
+        with torch.enable_grad():
+            z = noise.detach().clone().requires_grad_(True)
+            kept = retained_bytes(lambda: flow.step(z, 0, cond))
+            peak = profiled_peak_bytes(lambda: torch.autograd.grad(flow.step(z, 0, cond).sum(), z))
+    finally:
+        flow.set_memory_saving(False)
+    return {"window_block_recompute": kept, "window_block_recompute_peak": peak}
+
+
 def measure_width(family: str, width_scale: float, sizes: list[int]) -> list[dict]:
     """One row per image size: what each part keeps for the backward, at one width scale."""
     models = build_models(family, width_scale, text_layers=1)
@@ -55,8 +71,11 @@ def measure_width(family: str, width_scale: float, sizes: list[int]) -> list[dic
     for size in sizes:
         t = time.time()
         noise = initial_noise(models.flow.latent_shape(1, size, size), 0)
-        rows.append({"width_scale": width_scale, "size": size, "latent_elements": noise.numel(),
-                     **activation_bytes(models, cond, noise), "seconds": time.time() - t})
+        parts = activation_bytes(models, cond, noise)
+        if family in TRANSFORMER_FAMILIES:
+            parts.update(block_recompute_bytes(models.flow, cond, noise))
+        rows.append({"width_scale": width_scale, "size": size, "latent_elements": noise.numel(), **parts,
+                     "seconds": time.time() - t})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -79,23 +98,28 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(args.sizes)) < 2:
         raise ValueError(f"need at least two different --sizes to fit a line, got {args.sizes}")
     scales = args.width_scales or ([0.125, 0.25] if args.family in TRANSFORMER_FAMILIES else [1.0])
+    if len(scales) > 1 and args.family not in TRANSFORMER_FAMILIES:
+        raise ValueError(f"several --scale values extrapolate a transformer's width; give one for {args.family}")
     torch.set_num_threads(1)
     rows = [row for scale in scales for row in measure_width(args.family, scale, args.sizes)]
     per_width = {}
     for scale in scales:
         mine = [r for r in rows if r["width_scale"] == scale]
         per_width[scale] = {name: fit([(r["latent_elements"], r[name]) for r in mine])
-                            for name in ("window", "decode", "decode_recompute")}
+                            for name in ("window", "decode", "decode_recompute", *BLOCK_RECOMPUTE) if name in mine[0]}
     first = per_width[scales[0]]
     (decode_fixed, decode), (recompute_fixed, recompute) = first["decode"], first["decode_recompute"]
-    if len(scales) > 1:  # the UNet families: one real width, nothing to extrapolate
-        if args.family not in TRANSFORMER_FAMILIES:
-            raise ValueError("several --scale values extrapolate a transformer's width; give one for "
-                             f"{args.family}")
+    block_recompute = None
+    if len(scales) > 1:  # a transformer family at widths below its real one
         widths = [transformer_width(args.family, s) for s in scales]
         window_fixed = extrapolate(widths, [per_width[s]["window"][0] for s in scales])
         window = extrapolate(widths, [per_width[s]["window"][1] for s in scales])
-    else:
+        # not (yet) a term of guidance.estimate_guidance_bytes, whose recomputing modes assume one step is
+        # recomputed whole: what these flows keep instead, per step, in the same per-element + per-image form
+        block_recompute = {name: {part: round(extrapolate(widths, [per_width[s][name][i] for s in scales]))
+                                  for i, part in enumerate(("per_image", "per_element"))}
+                           for name in BLOCK_RECOMPUTE}
+    else:  # the UNet families, measured at their real width
         window_fixed, window = first["window"]
     constants = {"window": round(window), "window_fixed": round(window_fixed), "decode": round(decode),
                  "decode_recompute": round(recompute),
@@ -104,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
               "per_width_fits": {str(s): v for s, v in per_width.items()},
               "intercepts": {"window": window_fixed, "decode": decode_fixed, "decode_recompute": recompute_fixed},
               "constants": constants, "environment": environment(torch.device("cpu"))}
+    if block_recompute is not None:
+        report["block_recompute"] = block_recompute
+        print(f"with block recomputation, per step: {block_recompute}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"calibration_{args.family}.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     print(f"ACTIVATION_BYTES[{args.family!r}] = {constants}")

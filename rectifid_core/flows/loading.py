@@ -297,7 +297,8 @@ def _inspect_transformer_folder(root: Path, index: dict[str, Any], kind: str, de
         elif part.startswith("tokenizer") and not any((path / n).exists() for n in _TOKENIZER_FILES):
             missing.append(f"{path} has none of {', '.join(_TOKENIZER_FILES)} ({what})")
     if missing:
-        raise FileNotFoundError(f"{root} is not a complete diffusers {kind} folder; missing:\n  " + "\n  ".join(missing))
+        raise FileNotFoundError(f"{root} is not a complete diffusers {kind} folder; missing:\n  "
+                                + "\n  ".join(missing))
     transformer = _read_json(root / "transformer" / "config.json")
     if transformer.get("_class_name", _TRANSFORMER_CLASSES[kind]) != _TRANSFORMER_CLASSES[kind]:
         raise ValueError(f"{root / 'transformer' / 'config.json'} describes a {transformer.get('_class_name')}, "
@@ -440,7 +441,8 @@ def load_flow(path: str | Path, *, flow_type: str = "auto", prediction_type: str
     num_time_windows (PeRFlow) or 4 (28 for a guidance-distilled FLUX.1-dev transformer); steps
     (model calls in total) defaults to K and must be >= K for PeRFlow; an Euler flow (2-RF /
     InstaFlow, FLUX, SD3) has one window per step, so steps and num_windows name the same number
-    there. FLUX / SD3 text encoders stay on the CPU except while prompts are encoded. device defaults to cuda when available. Never downloads anything.
+    there. FLUX / SD3 text encoders stay on the CPU except while prompts are encoded. device defaults
+    to cuda when available. Never downloads anything.
     """
     info = inspect_flow_folder(path, flow_type=flow_type, prediction_type=prediction_type)
     logger.info("loading %s", info.describe())
