@@ -144,6 +144,9 @@ ACTIVATION_BYTES = {
              "fixed": 112_267_548},
     "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 207_880,
              "fixed": 112_267_548},
+    # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents)
+    "flux": {"window": 124_510, "window_fixed": 2_036_021_256, "decode": 91_108, "decode_recompute": 51_972,
+             "fixed": 112_267_548},
 }
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
