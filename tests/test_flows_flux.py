@@ -159,3 +159,23 @@ def test_guidance_memory_modes_give_the_same_result(schnell) -> None:
         np.testing.assert_allclose(run.losses, runs[0].losses, rtol=1e-9)
         torch.testing.assert_close(run.latent, runs[0].latent, rtol=1e-9, atol=1e-10)
     assert not flow.memory_saving  # guide switches it off again
+
+
+def test_encoding_falls_back_to_the_cpu_when_the_encoders_do_not_fit(schnell, monkeypatch) -> None:
+    flow, _ = schnell
+    expected = flow.encode([PROMPT], [], 1.0).tensors
+    t5 = flow.components.text_encoder_2
+    forward, failed = t5.forward, []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(t5, "forward", out_of_memory_once)
+    tensors = flow.encode([PROMPT], [], 1.0).tensors
+    assert failed and tensors.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(tensors[name], expected[name], rtol=0, atol=0)
+    assert all(e.device.type == "cpu" for e in flow.components.text_encoders())

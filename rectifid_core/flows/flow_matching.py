@@ -11,6 +11,7 @@ latent packing) live in flux.py and sd3.py.
 """
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ import torch
 from .base import Conditioning, RectifiedFlow
 from .schedule import cfg_combine
 from .stable_diffusion import _prompt_lists
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class FlowMatchingFlow(RectifiedFlow):
             encoder.to(device="cpu")
         self.memory_saving = False
         self.split_cfg = False
+        self._encoder_device = torch.device("cpu")
         self.latent_channels = int(components.vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self._schedules: dict[tuple[int, int], tuple[list[float], list[float], list[float]]] = {}
@@ -186,15 +190,16 @@ class FlowMatchingFlow(RectifiedFlow):
 
     @abstractmethod
     def _encode_texts(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Batch-first prompt tensors for the transformer call (on self.device, in self.dtype)."""
+        """Batch-first prompt tensors for the transformer call, in self.dtype (tokens go to the encoders' device)."""
 
     @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """The text encoders on the device while prompts are encoded, back on the CPU before guidance."""
+    def _encoders_on(self, device: torch.device) -> Iterator[None]:
+        """The text encoders on `device` while prompts are encoded, back on the CPU (and the cache freed) after."""
         encoders = self.components.text_encoders()
+        self._encoder_device = device
         try:
             for encoder in encoders:
-                encoder.to(self.device)
+                encoder.to(device)
             yield
         finally:
             for encoder in encoders:
@@ -204,7 +209,7 @@ class FlowMatchingFlow(RectifiedFlow):
 
     def _tokens(self, tokenizer: Any, texts: list[str], max_length: int) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+                         return_tensors="pt").input_ids.to(self._encoder_device)
 
     def encode(self, prompts: list[str], negative_prompts: list[str], guidance_scale: float) -> Conditioning:
         """Encode once under no_grad; the negative half only when the scale runs true CFG ([negative, prompt])."""
@@ -212,12 +217,23 @@ class FlowMatchingFlow(RectifiedFlow):
         scale = float(guidance_scale)
         if not math.isfinite(scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        with torch.no_grad(), self._encoders_on_device():
+        try:
+            tensors = self._encode_on(self.device, prompts, negatives, scale)
+        except torch.OutOfMemoryError:
+            # T5-XXL (~9 GiB in bf16) beside the transformer does not fit every card: slower on the CPU, but it runs
+            logger.warning("the text encoders do not fit on %s beside the transformer; encoding on the CPU",
+                           self.device)
+            tensors = self._encode_on(torch.device("cpu"), prompts, negatives, scale)
+        return Conditioning(batch=len(prompts), guidance_scale=scale, tensors=tensors)
+
+    def _encode_on(self, device: torch.device, prompts: list[str], negatives: list[str],
+                   scale: float) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self._encoders_on(device):
             tensors = self._encode_texts(prompts)
             if self.uses_cfg(scale):
                 negative = self._encode_texts(negatives)
                 tensors = {name: torch.cat([negative[name], t]) for name, t in tensors.items()}
-        return Conditioning(batch=len(prompts), guidance_scale=scale, tensors=tensors)
+        return {name: t.to(self.device) for name, t in tensors.items()}
 
     # --- model calls ----------------------------------------------------------------------------------------
     @abstractmethod

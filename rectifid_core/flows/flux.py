@@ -99,7 +99,7 @@ class FluxFlow(FlowMatchingFlow):
         pooled = c.text_encoder(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = self._tokens(c.tokenizer_2, texts, self.max_sequence_length)
         embeds = c.text_encoder_2(t5_ids, output_hidden_states=False)[0]
-        return {"embeds": embeds.to(self.device, self.dtype), "pooled": pooled.to(self.device, self.dtype)}
+        return {"embeds": embeds.to(self.dtype), "pooled": pooled.to(self.dtype)}
 
     def _transformer(self, z: torch.Tensor, timestep: float, tensors: dict[str, Any],
                      guidance_scale: float) -> torch.Tensor:

@@ -65,13 +65,13 @@ class SD3Flow(FlowMatchingFlow):
         clip = torch.cat([hidden_l, hidden_g.to(hidden_l.dtype)], dim=-1)
         if c.text_encoder_3 is None:
             t5 = torch.zeros(len(texts), self.max_sequence_length, c.transformer.config.joint_attention_dim,
-                             device=self.device, dtype=clip.dtype)
+                             device=clip.device, dtype=clip.dtype)
         else:
             t5 = c.text_encoder_3(self._tokens(c.tokenizer_3, texts, self.max_sequence_length))[0]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         embeds = torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2)
         pooled = torch.cat([pooled_l, pooled_g.to(pooled_l.dtype)], dim=-1)
-        return {"embeds": embeds.to(self.device), "pooled": pooled.to(self.device, self.dtype)}
+        return {"embeds": embeds, "pooled": pooled.to(self.dtype)}
 
     def _transformer(self, z: torch.Tensor, timestep: float, tensors: dict[str, Any],
                      guidance_scale: float) -> torch.Tensor:
