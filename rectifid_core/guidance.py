@@ -147,6 +147,8 @@ ACTIVATION_BYTES = {
     # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents)
     "flux": {"window": 124_510, "window_fixed": 2_036_021_256, "decode": 91_108, "decode_recompute": 51_972,
              "fixed": 112_267_548},
+    "sd35": {"window": 69_748, "window_fixed": 1_462_974_616, "decode": 91_108, "decode_recompute": 51_972,
+             "fixed": 112_267_548},
 }
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 

@@ -14,7 +14,7 @@ from rectifid_core.flows.flux import pack_latents, unpack_latents
 from rectifid_core.guidance import GuidanceConfig, guide, memory_family
 from rectifid_core.objectives.base import ObjectiveOutput
 from tiny_transformer_flows import (build_tiny_flux, cached_folder, count_forward_calls, float64_flow_and_pipeline,
-                                    gradient_of_rollout)
+                                    gradient_of_rollout, sample, seeded_noise)
 
 PROMPT = "a photo of a person"
 
@@ -29,18 +29,6 @@ def dev(tmp_path_factory):
     """A guidance-distilled transformer (FLUX.1-dev style) with dev's dynamic-shifting scheduler."""
     return float64_flow_and_pipeline(build_tiny_flux(tmp_path_factory.mktemp("flux") / "dev", guidance_embeds=True),
                                      steps=4)
-
-
-def _noise(flow: FluxFlow, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(flow.latent_shape(1, size, size), generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
-
-
-def _rollout(flow, cond, z):
-    with torch.no_grad():
-        for i in range(flow.num_steps):
-            z = flow.step(z, i, cond)
-        return z, flow.decode(z)
 
 
 def test_flow_type_defaults_and_family(schnell) -> None:
@@ -59,11 +47,11 @@ def test_each_step_is_the_schedulers_euler_step(schnell) -> None:
     # the pipeline's own prompt features, ids, timesteps and scheduler
     embeds, pooled, text_ids = pipe.encode_prompt(PROMPT, None, max_sequence_length=256)
     pipe(PROMPT, height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256,
-         output_type="latent", latents=pack_latents(_noise(flow)))
+         output_type="latent", latents=pack_latents(seeded_noise(flow)))
     scheduler = pipe.scheduler
     image_ids = pipe._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float64)
     for i, t in enumerate(scheduler.timesteps):
-        z = _noise(flow, seed=10 + i)
+        z = seeded_noise(flow, seed=10 + i)
         packed = pipe._pack_latents(z, 1, 4, 16, 16)
         with torch.no_grad():
             v = pipe.transformer(hidden_states=packed, timestep=t.expand(1).to(torch.float64) / 1000, guidance=None,
@@ -78,8 +66,8 @@ def test_each_step_is_the_schedulers_euler_step(schnell) -> None:
 
 def test_rollout_and_image_equal_the_pipelines(schnell) -> None:
     flow, pipe = schnell
-    noise = _noise(flow)
-    z, image = _rollout(flow, flow.encode([PROMPT], [], 1.0), noise)
+    noise = seeded_noise(flow)
+    z, image = sample(flow, flow.encode([PROMPT], [], 1.0), noise)
     kwargs = dict(height=32, width=32, num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256,
                   latents=pack_latents(noise))
     latents = pipe(PROMPT, output_type="latent", **kwargs).images
@@ -90,13 +78,13 @@ def test_rollout_and_image_equal_the_pipelines(schnell) -> None:
 
 def test_cfg_above_one_is_the_pipelines_true_cfg(schnell) -> None:
     flow, pipe = schnell
-    noise = _noise(flow, seed=3)
-    z, _ = _rollout(flow, flow.encode([PROMPT], ["a cat"], 2.5), noise)
+    noise = seeded_noise(flow, seed=3)
+    z, _ = sample(flow, flow.encode([PROMPT], ["a cat"], 2.5), noise)
     latents = pipe(PROMPT, negative_prompt="a cat", true_cfg_scale=2.5, height=32, width=32, num_inference_steps=4,
                    guidance_scale=0.0, max_sequence_length=256, latents=pack_latents(noise),
                    output_type="latent").images
     torch.testing.assert_close(z, unpack_latents(latents, 16, 16), rtol=1e-5, atol=1e-5)
-    plain, _ = _rollout(flow, flow.encode([PROMPT], ["a cat"], 1.0), noise)
+    plain, _ = sample(flow, flow.encode([PROMPT], ["a cat"], 1.0), noise)
     assert (plain - z).abs().max() > 1e-3  # the negative half changed something
 
 
@@ -114,8 +102,8 @@ def test_with_steps_uses_the_pipelines_sigmas(schnell, dev, steps) -> None:
 def test_distilled_guidance_is_passed_as_the_pipeline_does(dev) -> None:
     flow, pipe = dev
     assert flow.defaults().cfg_scale == 3.5 and not flow.uses_cfg(3.5)
-    noise = _noise(flow, seed=4)
-    z, _ = _rollout(flow, flow.encode([PROMPT], [], 3.5), noise)
+    noise = seeded_noise(flow, seed=4)
+    z, _ = sample(flow, flow.encode([PROMPT], [], 3.5), noise)
     latents = pipe(PROMPT, height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=512,
                    latents=pack_latents(noise), output_type="latent").images
     torch.testing.assert_close(z, unpack_latents(latents, 16, 16), rtol=1e-5, atol=1e-5)
@@ -124,8 +112,8 @@ def test_distilled_guidance_is_passed_as_the_pipeline_does(dev) -> None:
 def test_gradients_reach_the_noise_and_equal_with_block_recomputation(schnell, monkeypatch) -> None:
     flow, _ = schnell
     cond = flow.encode([PROMPT], [], 1.0)
-    noise = _noise(flow, seed=5)
-    stored = gradient_of_rollout(flow, cond, noise)
+    noise = seeded_noise(flow, seed=5)
+    stored = gradient_ofsample(flow, cond, noise)
     transformer = flow.components.transformer
     blocks = [count_forward_calls(transformer.transformer_blocks[0], monkeypatch),
               count_forward_calls(transformer.single_transformer_blocks[0], monkeypatch),
@@ -133,7 +121,7 @@ def test_gradients_reach_the_noise_and_equal_with_block_recomputation(schnell, m
     flow.set_memory_saving(True)
     try:
         assert flow.recomputes_step and flow.recomputes_decode
-        recomputed = gradient_of_rollout(flow, cond, noise)
+        recomputed = gradient_ofsample(flow, cond, noise)
     finally:
         flow.set_memory_saving(False)
     # each block ran once more, in the backward: once per step (the decoder once), never twice
@@ -151,7 +139,7 @@ def test_guidance_memory_modes_give_the_same_result(schnell) -> None:
     def objective(image: torch.Tensor) -> ObjectiveOutput:
         return ObjectiveOutput(loss=(image - target).pow(2).flatten(1).mean(1) * 100, diagnostics={})
 
-    noise = _noise(flow, seed=6)
+    noise = seeded_noise(flow, seed=6)
     runs = [guide(flow, cond, objective, noise, GuidanceConfig(scale=1.0, iterations=2, memory=memory))
             for memory in ("store", "recompute_vae", "checkpoint")]
     assert runs[0].losses[1] < runs[0].losses[0]  # guidance lowers the loss

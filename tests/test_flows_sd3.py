@@ -10,7 +10,7 @@ import torch
 from rectifid_core.flows import SD3Flow
 from rectifid_core.guidance import memory_family
 from tiny_transformer_flows import (build_tiny_sd3, cached_folder, count_forward_calls, float64_flow_and_pipeline,
-                                    gradient_of_rollout)
+                                    gradient_of_rollout, sample, seeded_noise)
 
 PROMPT = "a photo of a person"
 
@@ -18,18 +18,6 @@ PROMPT = "a photo of a person"
 @pytest.fixture(scope="module")
 def turbo():
     return float64_flow_and_pipeline(cached_folder("sd3"))
-
-
-def _noise(flow: SD3Flow, size: int = 32, seed: int = 1) -> torch.Tensor:
-    return torch.randn(flow.latent_shape(1, size, size), generator=torch.Generator().manual_seed(seed),
-                       dtype=torch.float64)
-
-
-def _rollout(flow, cond, z):
-    with torch.no_grad():
-        for i in range(flow.num_steps):
-            z = flow.step(z, i, cond)
-        return z, flow.decode(z)
 
 
 def test_flow_type_defaults_and_family(turbo) -> None:
@@ -49,10 +37,10 @@ def test_each_step_is_the_schedulers_euler_step(turbo, cfg) -> None:
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPT, None, None, negative_prompt="a cat",
                                                                    do_classifier_free_guidance=True)
     pipe(PROMPT, height=32, width=32, num_inference_steps=4, guidance_scale=cfg, output_type="latent",
-         latents=_noise(flow))
+         latents=seeded_noise(flow))
     scheduler = pipe.scheduler
     for i, t in enumerate(scheduler.timesteps):
-        z = _noise(flow, seed=10 + i)
+        z = seeded_noise(flow, seed=10 + i)
         with torch.no_grad():
             v, v_neg = (pipe.transformer(hidden_states=z, timestep=t.expand(1), encoder_hidden_states=e,
                                          pooled_projections=p, return_dict=False)[0]
@@ -69,8 +57,8 @@ def test_each_step_is_the_schedulers_euler_step(turbo, cfg) -> None:
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
 def test_rollout_and_image_equal_the_pipelines(turbo, cfg) -> None:
     flow, pipe = turbo
-    noise = _noise(flow, seed=2)
-    z, image = _rollout(flow, flow.encode([PROMPT], ["a cat"], cfg), noise)
+    noise = seeded_noise(flow, seed=2)
+    z, image = sample(flow, flow.encode([PROMPT], ["a cat"], cfg), noise)
     kwargs = dict(negative_prompt="a cat", height=32, width=32, num_inference_steps=4, guidance_scale=cfg,
                   latents=noise)
     torch.testing.assert_close(z, pipe(PROMPT, output_type="latent", **kwargs).images, rtol=1e-5, atol=1e-5)
@@ -91,8 +79,8 @@ def test_a_folder_without_t5_runs_as_the_pipeline_does(tmp_path) -> None:
     flow, pipe = float64_flow_and_pipeline(build_tiny_sd3(tmp_path / "no_t5", with_t5=False), text_encoder_3=None,
                                            tokenizer_3=None)
     assert flow.components.text_encoder_3 is None and pipe.text_encoder_3 is None
-    noise = _noise(flow, seed=3)
-    z, _ = _rollout(flow, flow.encode([PROMPT], [], 1.0), noise)
+    noise = seeded_noise(flow, seed=3)
+    z, _ = sample(flow, flow.encode([PROMPT], [], 1.0), noise)
     expected = pipe(PROMPT, height=32, width=32, num_inference_steps=4, guidance_scale=1.0, latents=noise,
                     output_type="latent").images
     torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-5)
@@ -102,12 +90,12 @@ def test_a_folder_without_t5_runs_as_the_pipeline_does(tmp_path) -> None:
 def test_gradients_equal_with_block_recomputation_and_split_cfg(turbo, monkeypatch, split_cfg) -> None:
     flow, _ = turbo
     cond = flow.encode([PROMPT], ["a cat"], 2.0)
-    noise = _noise(flow, seed=4)
-    stored = gradient_of_rollout(flow, cond, noise)
+    noise = seeded_noise(flow, seed=4)
+    stored = gradient_ofsample(flow, cond, noise)
     calls = count_forward_calls(flow.components.transformer.transformer_blocks[0], monkeypatch)
     flow.set_memory_saving(True, split_cfg=split_cfg)
     try:
-        recomputed = gradient_of_rollout(flow, cond, noise)
+        recomputed = gradient_ofsample(flow, cond, noise)
     finally:
         flow.set_memory_saving(False)
     halves = 2 if split_cfg else 1  # split: each CFG half is its own call
@@ -119,7 +107,7 @@ def test_gradients_equal_with_block_recomputation_and_split_cfg(turbo, monkeypat
 def test_prompt_direction_is_the_difference_of_the_two_halves(turbo) -> None:
     flow, _ = turbo
     cond = flow.encode([PROMPT], ["a cat"], 2.0)
-    z = _noise(flow, seed=5)
+    z = seeded_noise(flow, seed=5)
     halves = [flow.encode([text], [], 1.0) for text in (PROMPT, "a cat")]
     with torch.no_grad():
         direction = flow.prompt_direction(z, 1, cond)

@@ -162,3 +162,17 @@ def count_forward_calls(module: torch.nn.Module, monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(module, "forward", counting)
     return calls
+
+
+def seeded_noise(flow, size: int = 32, seed: int = 1) -> torch.Tensor:
+    """float64 noise of an image of size x size pixels, the same for every flow of one latent shape."""
+    return torch.randn(flow.latent_shape(1, size, size), generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
+
+
+def sample(flow, cond, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latent, decoded image) of a plain rollout without guidance."""
+    with torch.no_grad():
+        for i in range(flow.num_steps):
+            z = flow.step(z, i, cond)
+        return z, flow.decode(z)
