@@ -113,7 +113,7 @@ def test_gradients_reach_the_noise_and_equal_with_block_recomputation(schnell, m
     flow, _ = schnell
     cond = flow.encode([PROMPT], [], 1.0)
     noise = seeded_noise(flow, seed=5)
-    stored = gradient_ofsample(flow, cond, noise)
+    stored = gradient_of_rollout(flow, cond, noise)
     transformer = flow.components.transformer
     blocks = [count_forward_calls(transformer.transformer_blocks[0], monkeypatch),
               count_forward_calls(transformer.single_transformer_blocks[0], monkeypatch),
@@ -121,7 +121,7 @@ def test_gradients_reach_the_noise_and_equal_with_block_recomputation(schnell, m
     flow.set_memory_saving(True)
     try:
         assert flow.recomputes_step and flow.recomputes_decode
-        recomputed = gradient_ofsample(flow, cond, noise)
+        recomputed = gradient_of_rollout(flow, cond, noise)
     finally:
         flow.set_memory_saving(False)
     # each block ran once more, in the backward: once per step (the decoder once), never twice

@@ -91,11 +91,11 @@ def test_gradients_equal_with_block_recomputation_and_split_cfg(turbo, monkeypat
     flow, _ = turbo
     cond = flow.encode([PROMPT], ["a cat"], 2.0)
     noise = seeded_noise(flow, seed=4)
-    stored = gradient_ofsample(flow, cond, noise)
+    stored = gradient_of_rollout(flow, cond, noise)
     calls = count_forward_calls(flow.components.transformer.transformer_blocks[0], monkeypatch)
     flow.set_memory_saving(True, split_cfg=split_cfg)
     try:
-        recomputed = gradient_ofsample(flow, cond, noise)
+        recomputed = gradient_of_rollout(flow, cond, noise)
     finally:
         flow.set_memory_saving(False)
     halves = 2 if split_cfg else 1  # split: each CFG half is its own call
