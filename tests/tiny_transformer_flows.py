@@ -2,8 +2,8 @@
 
 Saved with `save_pretrained` in the layout of black-forest-labs/FLUX.1-schnell and
 stabilityai/stable-diffusion-3.5-large-turbo, so the loader reads them exactly as it
-reads the real folders. The T5 tokenizer is a small Unigram model built offline and
-saved as T5TokenizerFast (tokenizer.json); the CLIP tokenizers are tiny_diffusers'.
+reads the real folders. The T5 tokenizer is the benchmark's letters-only Unigram model,
+built offline and saved as T5TokenizerFast (tokenizer.json); the CLIP tokenizers are tiny_diffusers'.
 The VAE downscales by 2 (two blocks) with 4 latent channels, and both transformers
 take 2x2 latent patches, so an image side must be a multiple of 4: 32 px -> 16x16 latent.
 """
