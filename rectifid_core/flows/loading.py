@@ -225,6 +225,9 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
     pipeline_kind = _TRANSFORMER_PIPELINES.get(index.get("_class_name")) or _transformer_kind(root)
     if flow_type in _TRANSFORMER_CLASSES or (flow_type == "auto" and pipeline_kind is not None):
         kind = pipeline_kind if flow_type == "auto" else flow_type
+        if pipeline_kind is None and (root / "unet" / "config.json").exists():
+            raise ValueError(f"{root} holds a UNet (unet/config.json), not the {_TRANSFORMER_CLASSES[kind]} of a "
+                             f"{kind} folder; set the flow type to auto, perflow or euler_velocity")
         return _inspect_transformer_folder(root, index, kind, flow_type == "auto", prediction_type)
     if pipeline_kind is not None:
         raise ValueError(f"{index_path} names {index.get('_class_name')}, a {pipeline_kind} flow-matching "
