@@ -43,7 +43,8 @@ def test_detection_and_dtype(kind, cls) -> None:
 @pytest.mark.parametrize("kind, remove, message", [
     ("flux", "text_encoder_2", "text_encoder_2/config.json (the T5 encoder"),
     ("flux", "tokenizer_2/tokenizer.json", "tokenizer_2 has none of tokenizer.json, vocab.json, spiece.model"),
-    ("flux", "transformer/diffusion_pytorch_model.safetensors", "transformer has no weights (the FluxTransformer2DModel"),
+    ("flux", "transformer/diffusion_pytorch_model.safetensors",
+     "transformer has no weights (the FluxTransformer2DModel"),
     ("sd3", "text_encoder_3", "text_encoder_3/config.json (the T5 encoder"),
     ("sd3", "scheduler", "scheduler/scheduler_config.json (the FlowMatchEulerDiscreteScheduler config"),
     ("sd3", "model_index.json", "model_index.json (the pipeline index"),
