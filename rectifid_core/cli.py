@@ -85,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     m = p.add_argument_group("models (local folders; nothing is downloaded)")
     m.add_argument("--flow", required=True, type=Path,
-                   help="diffusers folder of a rectified flow (PeRFlow, InstaFlow, 2-rectified flow)")
-    m.add_argument("--flow-type", default="auto", help="auto, perflow or euler_velocity (default auto)")
+                   help="diffusers folder of a rectified flow (PeRFlow, InstaFlow, 2-rectified flow, "
+                        "FLUX.1-schnell, SD3.5 Large Turbo)")
+    m.add_argument("--flow-type", default="auto",
+                   help="auto, perflow, euler_velocity, flux or sd3 (default auto: from the folder)")
     m.add_argument("--prediction-type", default="auto", help="PeRFlow prediction type (default auto)")
     m.add_argument("--faces", type=Path, help="insightface folder holding antelopev2 (face subjects)")
     m.add_argument("--provider", default="auto",
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clip", type=Path, help="transformers CLIP vision folder (clip subjects)")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     m.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
-                   help="weights precision (default: fp16 on a GPU, fp32 on the CPU)")
+                   help="weights precision (default: fp16 on a GPU, bf16 for FLUX / SD3 as their model cards load "
+                        "them, fp32 on the CPU)")
 
     s = p.add_argument_group("subjects")
     s.add_argument("--subject", action="append", required=True, metavar="KIND[:LABEL]=IMAGE[,IMAGE...]",
@@ -120,17 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--width", type=auto_or(int), default=None, metavar="auto|W",
-                   help="image width (default auto: 512 SD1.5 and 2-RF/InstaFlow, 768 SD2.1, 1024 SDXL)")
+                   help="image width (default auto: 512 SD1.5 and 2-RF/InstaFlow, 768 SD2.1, 1024 SDXL, FLUX.1, "
+                        "SD3.5)")
     g.add_argument("--height", type=auto_or(int), default=None, metavar="auto|H", help="image height (default auto)")
     g.add_argument("--steps", type=auto_or(int), default=None, metavar="auto|S",
                    help="model calls per pass (default auto: the flow's K trained windows, 4 for PeRFlow; more "
-                        "steps run inside PeRFlow's windows; 2-RF/InstaFlow take it as their Euler steps)")
+                        "steps run inside PeRFlow's windows; 2-RF/InstaFlow, FLUX and SD3 take it as their Euler "
+                        "steps, 4 for FLUX.1-schnell and SD3.5 Large Turbo)")
     g.add_argument("--iterations", type=int, default=20, help="N guidance iterations: 20 fast, 50, 100 best")
     g.add_argument("--scale", type=auto_or(float), default=None, metavar="auto|S",
                    help="guidance scale s (default auto: 1.0 for faces, 2.0 when an object subject is present)")
     g.add_argument("--cfg", type=auto_or(float), default=None, metavar="auto|W",
                    help="classifier-free guidance (default auto: 3.0 PeRFlow SD1.5, 4.5 SD2.1, 1.0 SDXL, "
-                        "1.5 2-RF/InstaFlow)")
+                        "1.5 2-RF/InstaFlow, 1.0 = off for FLUX.1-schnell and SD3.5 Large Turbo; above 1 runs "
+                        "true CFG with --negative)")
     g.add_argument("--ck-mode", default="per_window", choices=CK_MODES)
     g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
     g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
@@ -185,11 +191,11 @@ def check_image_format(path: Path, flag: str) -> None:
 
 
 def check_image_size(width: int | None, height: int | None, factor: int) -> None:
-    """Width and height must be positive multiples of the VAE factor (None = the flow's default)."""
+    """Width and height must be positive multiples of the flow's pixel block (None = the flow's default)."""
     for flag, value in (("--width", width), ("--height", height)):
         if value is not None and (value <= 0 or value % factor):
             near = sorted({max(factor, value // factor * factor), max(factor, -(-value // factor) * factor)})
-            raise UsageError(f"{flag} {value} is not a positive multiple of {factor} (the flow's VAE works on "
+            raise UsageError(f"{flag} {value} is not a positive multiple of {factor} (the flow works on "
                              f"{factor}x{factor} pixel blocks); use {' or '.join(map(str, near))}")
 
 
@@ -263,7 +269,7 @@ def _settings(args: argparse.Namespace, prompt: str, config: GuidanceConfig) -> 
 def run(args: argparse.Namespace) -> dict:
     """Load everything once, then personalize every prompt; returns the history written to JSON."""
     from .flows import load_flow
-    from .flows.loading import inspect_flow_folder, vae_scale_factor
+    from .flows.loading import TRANSFORMER_FLOW_TYPES, image_size_multiple, inspect_flow_folder
     from .images import load_image
 
     # every check that needs no model runs first: a mistake must not cost minutes of loading
@@ -298,8 +304,8 @@ def run(args: argparse.Namespace) -> dict:
     check_image_format(args.output, "--output")
     if args.history is not None:
         check_writable(args.history, "--history")
-    inspect_flow_folder(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type)
-    check_image_size(args.width, args.height, vae_scale_factor(flow_dir))
+    info = inspect_flow_folder(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type)
+    check_image_size(args.width, args.height, image_size_multiple(flow_dir))
     references = {path: load_image(path) for spec in specs for path in spec.images}
     discriminators = {}
     if faces_dir:
@@ -310,6 +316,8 @@ def run(args: argparse.Namespace) -> dict:
     if clip_dir:
         discriminators["clip"] = load_clip_discriminator(clip_dir, device=device)
     dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
+    if args.dtype == "auto" and dtype == "fp16" and info.flow_type in TRANSFORMER_FLOW_TYPES:
+        dtype = "bf16"  # the FLUX.1 / SD3.5 model cards load them in bfloat16 (T5 overflows fp16)
     flow = load_flow(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type, dtype=dtype,
                      device=device)
 

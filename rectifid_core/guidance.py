@@ -144,6 +144,11 @@ ACTIVATION_BYTES = {
              "fixed": 112_267_548},
     "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 207_880,
              "fixed": 112_267_548},
+    # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents)
+    "flux": {"window": 124_510, "window_fixed": 2_036_021_256, "decode": 91_108, "decode_recompute": 51_972,
+             "fixed": 112_267_548},
+    "sd35": {"window": 69_748, "window_fixed": 1_462_974_616, "decode": 91_108, "decode_recompute": 51_972,
+             "fixed": 112_267_548},
 }
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
@@ -185,7 +190,13 @@ def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps
 
 
 def memory_family(flow: RectifiedFlow) -> str:
-    """Which fitted activation model (ACTIVATION_BYTES) describes this flow's architecture."""
+    """Which fitted activation model (ACTIVATION_BYTES) describes this flow's architecture.
+
+    A backend names its own family in `activation_family` (the FLUX / SD3 flows do); UNet flows are sd15 or sdxl.
+    """
+    family = getattr(flow, "activation_family", None)
+    if family is not None:
+        return family
     return "sdxl" if getattr(flow, "is_sdxl", False) else "sd15"
 
 

@@ -22,7 +22,7 @@ def copy_folder(kind, dest, scheduler=None, index=None):
 
 
 def test_constants_list_auto_first():
-    assert FLOW_TYPES == ("auto", "perflow", "euler_velocity")
+    assert FLOW_TYPES == ("auto", "perflow", "euler_velocity", "flux", "sd3")
     assert PREDICTION_TYPES == ("auto", "diff_eps", "ddim_eps", "velocity")
 
 
@@ -54,7 +54,9 @@ def test_undetectable_folder_asks_for_a_flow_type_and_overrides_apply(tmp_path):
     assert any("chosen by the user" in r for r in info.reasons)
     with pytest.raises(ValueError, match="only applies to PeRFlow"):
         inspect_flow_folder(folder, flow_type="euler_velocity", prediction_type="diff_eps")
-    with pytest.raises(ValueError, match="unknown flow_type 'flux'"):
+    with pytest.raises(ValueError, match="unknown flow_type 'dalle'"):
+        inspect_flow_folder(folder, flow_type="dalle")
+    with pytest.raises(ValueError, match="holds a UNet .*not the FluxTransformer2DModel of a flux folder"):
         inspect_flow_folder(folder, flow_type="flux")
 
 

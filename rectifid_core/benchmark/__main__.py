@@ -15,6 +15,10 @@ PRESETS = {
     "tiny": {"family": "tiny", "width_scale": 0.1, "size": 64},
     "sd15": {"family": "sd15", "width_scale": 1.0, "size": 512},
     "sdxl": {"family": "sdxl", "width_scale": 1.0, "size": 1024},
+    # FLUX.1-schnell and SD3.5 Large Turbo: real configs (benchmark/transformer_models.py), 4 steps, no CFG
+    # (their model cards' settings); --size 768 for SD3.5's smaller size
+    "flux": {"family": "flux", "width_scale": 1.0, "size": 1024, "cfg_scale": 1.0},
+    "sd35": {"family": "sd35", "width_scale": 1.0, "size": 1024, "cfg_scale": 1.0},
 }
 
 
@@ -26,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=FAMILIES)
     p.add_argument("--scale", type=float, dest="width_scale", help="width multiplier of every layer")
     p.add_argument("--size", type=int, help="image side in pixels")
+    p.add_argument("--cfg", type=float, dest="cfg_scale",
+                   help="classifier-free guidance scale (default 4.5; 1 = off for the flux and sd35 presets)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--windows", "-K", type=int, default=4)
     p.add_argument("--iterations", "-N", type=int, default=6, help="timed solver iterations (first = warm-up)")
@@ -53,7 +59,7 @@ def main(argv: list[str]) -> int:
         return 0
     args = _parser().parse_args(argv)
     base = dict(PRESETS[args.preset])
-    for key in ("family", "width_scale", "size"):
+    for key in ("family", "width_scale", "size", "cfg_scale"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     results = []

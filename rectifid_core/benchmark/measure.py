@@ -42,6 +42,7 @@ import torch
 
 from ..guidance import GuidanceConfig, guide, initial_noise, resolve_memory_mode
 from .models import BenchModels, build_models
+from .transformer_models import TRANSFORMER_FAMILIES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -74,6 +75,8 @@ class BenchSettings:
             raise ValueError(f"need >= 2 timed iterations (the first is warm-up), got {self.iterations}")
         if self.floor_repeats < 1:
             raise ValueError(f"floor_repeats must be >= 1, got {self.floor_repeats}")
+        if self.channels_last and self.family in TRANSFORMER_FAMILIES:
+            raise ValueError("--channels-last converts UNet convolutions; the flux and sd35 transformers have none")
         if self.faces and self.channels_last:
             raise ValueError("--channels-last converts the benchmark's own recognizer; leave it out with --faces")
         if bool(self.faces) != bool(self.reference):
@@ -219,7 +222,9 @@ def run_settings(s: BenchSettings) -> dict[str, Any]:
         torch.set_num_threads(s.threads)
     device = torch.device(s.device)
     dtype = DTYPES[s.dtype]
-    models = build_models(s.family, s.width_scale, s.windows, s.device, dtype, s.seed)
+    # FLUX / SD3.5 text encoders sit on the CPU after encoding, so their depth changes nothing measured here
+    text_layers = 1 if s.family in TRANSFORMER_FAMILIES else None
+    models = build_models(s.family, s.width_scale, s.windows, s.device, dtype, s.seed, text_layers)
     flow = models.flow
     if s.faces:
         models.objective = face_objective(s, dtype)

@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..flows.base import RectifiedFlow
 from ..flows.perflow import PeRFlow
 from ..flows.stable_diffusion import StableDiffusionComponents
 from ..objectives.base import ObjectiveOutput
+from .transformer_models import TRANSFORMER_FAMILIES, build_transformer_flow
 
-FAMILIES = ("sd15", "sdxl", "tiny")
+FAMILIES = ("sd15", "sdxl", "tiny", *TRANSFORMER_FAMILIES)
 
 # Scheduler and prediction type of the public PeRFlow checkpoints (SD's scaled-linear betas).
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -205,14 +207,21 @@ class RecognizerObjective:
 
 @dataclass
 class BenchModels:
-    flow: PeRFlow
+    flow: RectifiedFlow  # PeRFlow, or FluxFlow / SD3Flow for the transformer families
     objective: RecognizerObjective
 
 
 def build_models(family: str, width_scale: float = 1.0, num_windows: int = 4, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, text_layers: int | None = None) -> BenchModels:
-    """Flow + recognizer objective on one device/dtype (the recognizer follows the UNet's dtype)."""
-    flow = build_flow(family, width_scale, num_windows, device, dtype, seed, text_layers)
+    """Flow + recognizer objective on one device/dtype (the recognizer follows the model's dtype).
+
+    sd15 / sdxl / tiny: PeRFlow over a UNet; flux / sd35: FLUX.1-schnell / SD3.5 Large Turbo
+    (transformer_models.py) with `num_windows` Euler steps.
+    """
+    if family in TRANSFORMER_FAMILIES:
+        flow = build_transformer_flow(family, width_scale, num_windows, device, dtype, seed, text_layers)
+    else:
+        flow = build_flow(family, width_scale, num_windows, device, dtype, seed, text_layers)
     net = build_recognizer(family, width_scale, seed).to(device=device, dtype=dtype)
     emb_dim = net.head[-1].num_features
     reference = torch.randn(1, emb_dim, generator=torch.Generator().manual_seed(seed + 2))

@@ -7,7 +7,8 @@ that diffusers does not ship, and InstaFlow / 2-rectified-flow folders name a
 only read for its betas, `prediction_type` and `num_time_windows`.
 
 Detection (each step can be overridden by the caller):
-- flow type: model_index.json `_class_name` RectifiedFlowPipeline / InstaFlowPipeline
+- flow type: model_index.json `_class_name` FluxPipeline -> "flux", StableDiffusion3Pipeline
+  -> "sd3" (transformer folders, flow_matching.py); RectifiedFlowPipeline / InstaFlowPipeline
   -> "euler_velocity"; scheduler `_class_name` PeRFlowScheduler -> "perflow"; otherwise
   the folder name ("perflow" -> perflow; "instaflow", "rectified_flow", "2rflow" ->
   euler_velocity); otherwise an error asking for an explicit flow type.
@@ -30,11 +31,14 @@ import torch
 from ..model_files import check_weight_files, read_json_file
 from .base import RectifiedFlow
 from .euler import EulerVelocityFlow
+from .flow_matching import FlowMatchingComponents, check_scheduler_config
+from .flux import DEV_STEPS, SCHNELL_STEPS, FluxFlow
 from .perflow import PeRFlow
+from .sd3 import TURBO_STEPS, SD3Flow
 from .schedule import PERFLOW_PREDICTIONS, perflow_timesteps
 from .stable_diffusion import StableDiffusionComponents, vae_dtype
 
-FLOW_TYPES = ("auto", "perflow", "euler_velocity")
+FLOW_TYPES = ("auto", "perflow", "euler_velocity", "flux", "sd3")
 PREDICTION_TYPES = ("auto",) + PERFLOW_PREDICTIONS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,7 +46,12 @@ _EULER_PIPELINES = ("RectifiedFlowPipeline", "InstaFlowPipeline")
 _SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", *_EULER_PIPELINES)
 _EULER_NAME_HINTS = ("instaflow", "rectified_flow", "rectified-flow", "2rflow", "2_rflow", "2-rflow")
 _WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                 "text_encoder": "model", "text_encoder_2": "model"}
+                 "transformer": "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model",
+                 "text_encoder_3": "model"}
+# flow-matching transformer pipelines -> our flow type
+_TRANSFORMER_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+_TRANSFORMER_CLASSES = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}
+TRANSFORMER_FLOW_TYPES = tuple(_TRANSFORMER_CLASSES)
 _PARTS = {
     "model_index.json": "the pipeline index (model_index.json) naming the components",
     "unet": "the UNet2DConditionModel (config.json + diffusion_pytorch_model*.safetensors)",
@@ -53,6 +62,25 @@ _PARTS = {
     "text_encoder_2": "SDXL's second CLIP text encoder with projection (config.json + model*.safetensors)",
     "tokenizer_2": "SDXL's second CLIP tokenizer",
 }
+_TRANSFORMER_PARTS = {
+    "flux": {"transformer": "the FluxTransformer2DModel (config.json + diffusion_pytorch_model*.safetensors)",
+             "vae": "the AutoencoderKL (config.json + diffusion_pytorch_model*.safetensors)",
+             "text_encoder": "the CLIP-L text encoder (config.json + model*.safetensors)",
+             "tokenizer": "the CLIP tokenizer (vocab.json, merges.txt, tokenizer_config.json)",
+             "text_encoder_2": "the T5 encoder (config.json + model*.safetensors)",
+             "tokenizer_2": "the T5 tokenizer (tokenizer.json or spiece.model)",
+             "scheduler": "the FlowMatchEulerDiscreteScheduler config (scheduler_config.json)"},
+    "sd3": {"transformer": "the SD3Transformer2DModel (config.json + diffusion_pytorch_model*.safetensors)",
+            "vae": "the AutoencoderKL (config.json + diffusion_pytorch_model*.safetensors)",
+            "text_encoder": "the CLIP-L text encoder with projection (config.json + model*.safetensors)",
+            "tokenizer": "the CLIP-L tokenizer (vocab.json, merges.txt, tokenizer_config.json)",
+            "text_encoder_2": "the CLIP-G text encoder with projection (config.json + model*.safetensors)",
+            "tokenizer_2": "the CLIP-G tokenizer (vocab.json, merges.txt, tokenizer_config.json)",
+            "text_encoder_3": "the T5 encoder (config.json + model*.safetensors)",
+            "tokenizer_3": "the T5 tokenizer (tokenizer.json or spiece.model)",
+            "scheduler": "the FlowMatchEulerDiscreteScheduler config (scheduler_config.json)"},
+}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +90,8 @@ class FlowFolderInfo:
     """What `inspect_flow_folder` found, and why (shown to the user by the loader node)."""
 
     path: Path
-    architecture: str  # "sd" or "sdxl"
-    flow_type: str  # "perflow" or "euler_velocity"
+    architecture: str  # "sd", "sdxl", "flux" or "sd3"
+    flow_type: str  # "perflow", "euler_velocity", "flux" or "sd3"
     prediction_type: str | None  # PeRFlow only
     num_windows: int
     pipeline_class: str | None
@@ -194,6 +222,16 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
     index_path = root / "model_index.json"
     index = _read_json(index_path) if index_path.exists() else {}
+    pipeline_kind = _TRANSFORMER_PIPELINES.get(index.get("_class_name")) or _transformer_kind(root)
+    if flow_type in _TRANSFORMER_CLASSES or (flow_type == "auto" and pipeline_kind is not None):
+        kind = pipeline_kind if flow_type == "auto" else flow_type
+        if pipeline_kind is None and (root / "unet" / "config.json").exists():
+            raise ValueError(f"{root} holds a UNet (unet/config.json), not the {_TRANSFORMER_CLASSES[kind]} of a "
+                             f"{kind} folder; set the flow type to auto, perflow or euler_velocity")
+        return _inspect_transformer_folder(root, index, kind, flow_type == "auto", prediction_type)
+    if pipeline_kind is not None:
+        raise ValueError(f"{index_path} names {index.get('_class_name')}, a {pipeline_kind} flow-matching "
+                         f"transformer, not a {flow_type} UNet flow; set the flow type to auto or {pipeline_kind}")
     sdxl = "text_encoder_2" in index or (root / "text_encoder_2").exists()
     _check_parts(root, sdxl)
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
@@ -220,6 +258,88 @@ def inspect_flow_folder(path: str | Path, *, flow_type: str = "auto",
         num_windows=int(scheduler_config.get("num_time_windows", 4)) if flow_type == "perflow" else 4,
         pipeline_class=pipeline_class, scheduler_class=scheduler_class, scheduler_config=scheduler_config,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)), reasons=reasons)
+
+
+def _transformer_parts(root: Path, kind: str, index: dict[str, Any]) -> dict[str, str]:
+    """The parts a FLUX / SD3 folder needs; SD3's T5 only when model_index.json lists one (it may be [null, null])."""
+    parts = dict(_TRANSFORMER_PARTS[kind])
+    if kind == "sd3" and index and (index.get("text_encoder_3") or [None])[0] is None:
+        del parts["text_encoder_3"], parts["tokenizer_3"]
+    return parts
+
+
+def _transformer_kind(root: Path) -> str | None:
+    """flux / sd3 from transformer/config.json's class, for a folder whose model_index.json is missing."""
+    config = root / "transformer" / "config.json"
+    if not config.exists():
+        return None
+    name = _read_json(config).get("_class_name")
+    return next((kind for kind, cls in _TRANSFORMER_CLASSES.items() if cls == name), None)
+
+
+def _inspect_transformer_folder(root: Path, index: dict[str, Any], kind: str, detected: bool,
+                                prediction_type: str) -> FlowFolderInfo:
+    """A FluxPipeline / StableDiffusion3Pipeline folder: every part present, the classes and scheduler it needs."""
+    source = f"model_index.json names {index['_class_name']}" if "_class_name" in index else \
+        f"transformer/config.json names {_TRANSFORMER_CLASSES[kind]}"
+    reasons = [f"{source}: {kind}" if detected else f"flow type {kind} chosen by the user"]
+    if prediction_type not in ("auto", "velocity"):
+        raise ValueError(f"a {kind} flow predicts velocity; prediction_type {prediction_type!r} only applies to "
+                         "PeRFlow")
+    parts = _transformer_parts(root, kind, index)
+    files = {"transformer": "config.json", "vae": "config.json", "text_encoder": "config.json",
+             "text_encoder_2": "config.json", "text_encoder_3": "config.json", "scheduler": "scheduler_config.json"}
+    missing = [] if (root / "model_index.json").exists() else [
+        f"{root / 'model_index.json'} ({_PARTS['model_index.json']})"]
+    for part, what in parts.items():
+        path = root / part / files[part] if part in files else root / part
+        if not path.exists():
+            missing.append(f"{path} ({what})")
+        elif part in _WEIGHT_STEMS and not _weight_files(root / part, _WEIGHT_STEMS[part]):
+            missing.append(f"{root / part} has no weights ({what})")
+        elif part.startswith("tokenizer") and not any((path / n).exists() for n in _TOKENIZER_FILES):
+            missing.append(f"{path} has none of {', '.join(_TOKENIZER_FILES)} ({what})")
+    if missing:
+        raise FileNotFoundError(f"{root} is not a complete diffusers {kind} folder; missing:\n  "
+                                + "\n  ".join(missing))
+    transformer = _read_json(root / "transformer" / "config.json")
+    if transformer.get("_class_name", _TRANSFORMER_CLASSES[kind]) != _TRANSFORMER_CLASSES[kind]:
+        raise ValueError(f"{root / 'transformer' / 'config.json'} describes a {transformer.get('_class_name')}, "
+                         f"not the {_TRANSFORMER_CLASSES[kind]} of a {kind} folder; choose another folder or flow type")
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    scheduler_class = scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if scheduler_class != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"{root / 'scheduler' / 'scheduler_config.json'} names {scheduler_class}; {kind} flows are "
+                         "sampled with FlowMatchEulerDiscreteScheduler's Euler steps, which RectifID guides")
+    try:
+        check_scheduler_config(scheduler_config)
+    except ValueError as exc:
+        raise ValueError(f"{root / 'scheduler' / 'scheduler_config.json'}: {exc}") from None
+    if kind == "flux":
+        distilled = bool(transformer.get("guidance_embeds", False))
+        steps = DEV_STEPS if distilled else SCHNELL_STEPS
+        reasons.append("guidance-distilled transformer (FLUX.1-dev style): cfg is its embedded guidance, "
+                       f"{steps} steps by default" if distilled else f"FLUX.1-schnell style: {steps} steps, no CFG")
+    else:
+        steps = TURBO_STEPS
+        reasons.append(f"SD3.5 Large Turbo style: {steps} steps, no CFG by default"
+                       + ("" if "text_encoder_3" in parts else "; no T5 encoder (zeros, as the pipeline)"))
+    return FlowFolderInfo(path=root, architecture=kind, flow_type=kind, prediction_type=None, num_windows=steps,
+                          pipeline_class=index.get("_class_name"), scheduler_class=scheduler_class,
+                          scheduler_config=scheduler_config, reasons=reasons)
+
+
+def image_size_multiple(path: str | Path) -> int:
+    """What an image side of a flow folder must be a multiple of: the VAE factor, times the transformers' latent
+    patch side for FLUX (2x2 packing) and SD3 (patch_size)."""
+    root = Path(path).expanduser()
+    index_path = root / "model_index.json"
+    index = _read_json(index_path) if index_path.exists() else {}
+    kind = _TRANSFORMER_PIPELINES.get(index.get("_class_name")) or _transformer_kind(root)
+    if kind is None:
+        return vae_scale_factor(root)
+    patch = 2 if kind == "flux" else int(_read_json(root / "transformer" / "config.json").get("patch_size", 2))
+    return vae_scale_factor(root) * patch
 
 
 def vae_scale_factor(path: str | Path) -> int:
@@ -274,16 +394,58 @@ def load_components(info: FlowFolderInfo, dtype: torch.dtype) -> StableDiffusion
         force_zeros_for_empty_prompt=info.force_zeros_for_empty_prompt)
 
 
+def load_transformer_components(info: FlowFolderInfo, dtype: torch.dtype) -> FlowMatchingComponents:
+    """Load the models of an inspected FLUX / SD3 folder on the CPU in `dtype`."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+                              T5EncoderModel)
+
+    root, kind = info.path, info.architecture
+    index_path = root / "model_index.json"
+    parts = _transformer_parts(root, kind, _read_json(index_path) if index_path.exists() else {})
+
+    def model(cls: Any, part: str) -> Any:
+        folder = root / part
+        variant = _variant(folder, _WEIGHT_STEMS[part], dtype)
+        names = _weight_files(folder, _WEIGHT_STEMS[part])
+        check_weight_files(folder, [n for n in names if _file_variant(n) == variant])
+        dtype_arg = {"torch_dtype" if part in ("transformer", "vae") else "dtype": dtype}
+        return cls.from_pretrained(folder, local_files_only=True, variant=variant, **dtype_arg)
+
+    def tokenizer(cls: Any, part: str) -> Any:
+        return cls.from_pretrained(root / part, local_files_only=True)
+
+    transformer_cls = FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
+    clip_cls = CLIPTextModel if kind == "flux" else CLIPTextModelWithProjection
+    components = FlowMatchingComponents(
+        transformer=model(transformer_cls, "transformer"), vae=model(AutoencoderKL, "vae"),
+        scheduler_config=info.scheduler_config, text_encoder=model(clip_cls, "text_encoder"),
+        tokenizer=tokenizer(CLIPTokenizer, "tokenizer"))
+    if kind == "flux":
+        components.text_encoder_2 = model(T5EncoderModel, "text_encoder_2")
+        components.tokenizer_2 = tokenizer(AutoTokenizer, "tokenizer_2")
+    else:
+        components.text_encoder_2 = model(CLIPTextModelWithProjection, "text_encoder_2")
+        components.tokenizer_2 = tokenizer(CLIPTokenizer, "tokenizer_2")
+        if "text_encoder_3" in parts:
+            components.text_encoder_3 = model(T5EncoderModel, "text_encoder_3")
+            components.tokenizer_3 = tokenizer(AutoTokenizer, "tokenizer_3")
+    return components
+
+
 def load_flow(path: str | Path, *, flow_type: str = "auto", prediction_type: str = "auto",
               dtype: str | torch.dtype = "fp32", device: str | torch.device | None = None,
               num_windows: int | None = None, steps: int | None = None) -> RectifiedFlow:
-    """Load a PeRFlow or Euler-velocity (InstaFlow / 2-rectified flow) model from a local diffusers folder.
+    """Load a PeRFlow, Euler-velocity (InstaFlow / 2-rectified flow), FLUX.1 or SD3.x flow from a local diffusers
+    folder.
 
-    flow_type: "auto" | "perflow" | "euler_velocity"; prediction_type: "auto" | "diff_eps" |
+    flow_type: "auto" | "perflow" | "euler_velocity" | "flux" | "sd3"; prediction_type: "auto" | "diff_eps" |
     "ddim_eps" | "velocity" (PeRFlow only). num_windows K defaults to the scheduler's
-    num_time_windows (PeRFlow) or 4; steps (model calls in total) defaults to K and must be
-    >= K for PeRFlow; an Euler flow has one window per step, so steps and num_windows name the
-    same number there. device defaults to cuda when available. Never downloads anything.
+    num_time_windows (PeRFlow) or 4 (28 for a guidance-distilled FLUX.1-dev transformer); steps
+    (model calls in total) defaults to K and must be >= K for PeRFlow; an Euler flow (2-RF /
+    InstaFlow, FLUX, SD3) has one window per step, so steps and num_windows name the same number
+    there. FLUX / SD3 text encoders stay on the CPU except while prompts are encoded. device defaults
+    to cuda when available. Never downloads anything.
     """
     info = inspect_flow_folder(path, flow_type=flow_type, prediction_type=prediction_type)
     logger.info("loading %s", info.describe())
@@ -303,9 +465,12 @@ def load_flow(path: str | Path, *, flow_type: str = "auto", prediction_type: str
                        device=device, dtype=torch_dtype)
 
     if num_windows is not None and steps is not None and int(num_windows) != int(steps):
-        raise ValueError(f"an Euler velocity flow has one window per step; got num_windows={num_windows} "
+        raise ValueError(f"an Euler flow ({info.flow_type}) has one window per step; got num_windows={num_windows} "
                          f"and steps={steps}")
     k = int(num_windows if num_windows is not None else steps if steps is not None else info.num_windows)
+    if info.flow_type in _TRANSFORMER_CLASSES:
+        cls = FluxFlow if info.flow_type == "flux" else SD3Flow
+        return cls(load_transformer_components(info, torch_dtype), k, device=device, dtype=torch_dtype)
     components = load_components(info, torch_dtype)
     return EulerVelocityFlow(components, num_windows=k, device=device, dtype=torch_dtype,
                              num_train_timesteps=int(info.scheduler_config.get("num_train_timesteps", 1000)))
