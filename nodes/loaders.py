@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from rectifid_core.devices import parse_device
-from rectifid_core.flows import FLOW_TYPES, PREDICTION_TYPES, load_flow
+from rectifid_core.flows import FLOW_TYPES, PREDICTION_TYPES, inspect_flow_folder, load_flow
 from rectifid_core.objectives.face_models import PACK_NAME, PROVIDER_CHOICES
 from rectifid_core.objectives.scrfd import DETECTOR_BACKENDS
 from rectifid_core.pipeline import (auto_dtype, load_clip_discriminator, load_face_discriminator,
@@ -75,7 +75,8 @@ class RectifIDFlowLoader:
         path = bridge.resolve_model("diffusers", flow_folder)
         dev = resolve_device(device)
         if dtype == "auto":
-            dtype = auto_dtype(dev)
+            kind = inspect_flow_folder(path, flow_type=FLOW_TYPE_CHOICES[flow_type], prediction_type=prediction_type)
+            dtype = auto_dtype(dev, kind.flow_type)
         with autograd_enabled():
             flow = load_flow(path, flow_type=FLOW_TYPE_CHOICES[flow_type], prediction_type=prediction_type,
                              dtype=dtype, device=dev)

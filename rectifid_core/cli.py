@@ -269,7 +269,7 @@ def _settings(args: argparse.Namespace, prompt: str, config: GuidanceConfig) -> 
 def run(args: argparse.Namespace) -> dict:
     """Load everything once, then personalize every prompt; returns the history written to JSON."""
     from .flows import load_flow
-    from .flows.loading import TRANSFORMER_FLOW_TYPES, image_size_multiple, inspect_flow_folder
+    from .flows.loading import image_size_multiple, inspect_flow_folder
     from .images import load_image
 
     # every check that needs no model runs first: a mistake must not cost minutes of loading
@@ -315,9 +315,7 @@ def run(args: argparse.Namespace) -> dict:
         discriminators["object"] = load_object_discriminator(*object_dirs, device=device)
     if clip_dir:
         discriminators["clip"] = load_clip_discriminator(clip_dir, device=device)
-    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
-    if args.dtype == "auto" and dtype == "fp16" and info.flow_type in TRANSFORMER_FLOW_TYPES:
-        dtype = "bf16"  # the FLUX.1 / SD3.5 model cards load them in bfloat16 (T5 overflows fp16)
+    dtype = auto_dtype(device, info.flow_type) if args.dtype == "auto" else args.dtype
     flow = load_flow(flow_dir, flow_type=args.flow_type, prediction_type=args.prediction_type, dtype=dtype,
                      device=device)
 

@@ -242,9 +242,16 @@ class Discriminator:
     description: str
 
 
-def auto_dtype(device: torch.device | str) -> str:
-    """fp16 on a GPU (half the memory, the speed of the paper's setup), fp32 on the CPU."""
-    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+def auto_dtype(device: torch.device | str, flow_type: str | None = None) -> str:
+    """fp16 on a GPU (half the memory, the speed of the paper's setup), fp32 on the CPU.
+
+    FLUX.1 and SD3.x get bf16 on a GPU, as their model cards load them (their T5 overflows fp16).
+    """
+    from .flows.loading import TRANSFORMER_FLOW_TYPES
+
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    return "bf16" if flow_type in TRANSFORMER_FLOW_TYPES else "fp16"
 
 
 def _missing(exc: ImportError, what: str) -> ImportError:

@@ -11,7 +11,7 @@ from rectifid_core.flows import load_flow
 from rectifid_core.flows.base import Conditioning, FlowDefaults, RectifiedFlow
 from rectifid_core.guidance import GuidanceConfig, guide
 from rectifid_core.objectives.base import ObjectiveOutput
-from rectifid_core.pipeline import PersonalizeSettings, personalize, resolve_settings
+from rectifid_core.pipeline import PersonalizeSettings, auto_dtype, personalize, resolve_settings
 
 
 class Kind:
@@ -167,3 +167,12 @@ def test_interrupt_is_checked_before_every_step_and_cancels_within_one_model_cal
     with pytest.raises(Cancel):
         personalize(flow, brighter(), settings, interrupt=press_at_fifth_step)
     assert flow.calls == 4  # the second iteration stopped after one of its three model calls
+
+
+@pytest.mark.parametrize("device, flow_type, expected", [
+    ("cpu", "flux", "fp32"), ("cuda", "perflow", "fp16"), ("cuda", "2-rf", "fp16"), ("cuda", "flux", "bf16"),
+    ("cuda", "sd3", "bf16"),
+])
+def test_auto_dtype_gives_flux_and_sd3_bfloat16_on_a_gpu(device, flow_type, expected):
+    """Their model cards load them in bf16 (T5 overflows fp16); the SD UNets keep the paper's fp16."""
+    assert auto_dtype(device, flow_type) == expected
