@@ -67,7 +67,8 @@ class RectifIDFlowLoader:
     OUTPUT_TOOLTIPS = ("The loaded few-step rectified flow for the RectifID sampler.",)
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/loaders"
-    DESCRIPTION = "Loads a rectified flow (PeRFlow, InstaFlow, 2-rectified flow) from a local diffusers folder."
+    DESCRIPTION = ("Loads a rectified flow (PeRFlow, InstaFlow, 2-rectified flow, FLUX.1, SD3.x) from a local diffusers "
+                   "folder.")
 
     def load(self, flow_folder: str, flow_type: str, prediction_type: str, dtype: str, device: str) -> tuple:
         if flow_type not in FLOW_TYPE_CHOICES:

@@ -248,3 +248,25 @@ def test_face_loader_runs_scrfd_in_torch_when_asked_and_the_sampler_gives_the_sa
                              "largest", 0, 0.0)
         images.append(comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)[0])
     torch.testing.assert_close(images[1], images[0], rtol=1e-5, atol=1e-6)
+
+
+def test_flow_loader_and_sampler_nodes_run_a_flux_folder_as_the_pipeline_does(models, tmp_path, monkeypatch):
+    """The node route takes FLUX.1 folders too: the loader detects it, the sampler equals personalize()."""
+    import tiny_transformer_flows
+
+    _, faces = models
+    tiny_transformer_flows.build_tiny_flux(tmp_path / "diffusers" / "flux-tiny")
+    monkeypatch.setenv("RECTIFID_MODELS_DIR", str(tmp_path))
+    (flow,) = comfy(N["RectifIDFlowLoader"]().load, "flux-tiny", "auto", "auto", "auto", "cpu")
+    assert type(flow).__name__ == "FluxFlow"
+    _, bundle, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice", "largest", 0,
+                         0.0)
+    args = dict(positive="a photo of a person", negative="", width=32, height=32, seed=5, steps=0, iterations=1,
+                guidance_scale=1.0, cfg=0.0, ck_mode="per_window", solver="anchored", memory="store", batch_size=1)
+    images, latent, _, report = comfy(N["RectifIDSampler"]().sample, flow, bundle, **args)
+    expected = personalize(flow, bundle.objective, PersonalizeSettings(
+        prompt=args["positive"], width=32, height=32, seed=5, batch_size=1, cfg_scale=None, num_steps=None,
+        guidance=GuidanceConfig(scale=1.0, iterations=1)), labels=["alice"])
+    torch.testing.assert_close(images, expected.images.permute(0, 2, 3, 1))
+    torch.testing.assert_close(latent["samples"], flow.vae_latent(expected.latent))
+    assert report.splitlines()[0].startswith("settings: 32 x 32 px, 4 (auto) steps, 1 iteration")
