@@ -350,9 +350,10 @@ def only(wf: dict, kind: str) -> dict:
 
 @pytest.mark.parametrize("path", COMFY_WORKFLOWS, ids=lambda p: p.stem)
 def test_comfy_model_workflows_pass_comfyuis_validation(path, comfyui, input_dir, tmp_path):
-    """Validation only, with empty placeholder model files under the saved names: FLUX.1-schnell's T5-XXL and
-    CLIP-L come through DualCLIPLoader at their real sizes (no tiny version loads), and a full SD1.5 checkpoint
-    carries ComfyUI's fixed ViT-L text encoder (see test_checkpoint_workflow_runs_end_to_end for that one)."""
+    """ComfyUI's validation with empty placeholder files under the saved model names. For the FLUX.1-schnell
+    workflow this is the only check on the engine: DualCLIPLoader builds T5-XXL and CLIP-L at their real sizes
+    from the file (no tiny version loads), so it cannot run here. The checkpoint variant also runs end to end
+    (test_checkpoint_workflow_runs_end_to_end)."""
     wf = load(path)
     check = comfyui.validate_workflow(wf, models_dir=placeholder_models(wf, tmp_path), input_dir=input_dir)
     assert check.ok, check.describe()
@@ -415,3 +416,41 @@ def test_checkpoint_workflow_samples_the_checkpoint_as_its_flow(definitions):
          ("EmptyLatentImage", 0)]
     assert linked(wf, only(wf, "RectifIDComfySampler")["id"], "vae") == ("CheckpointLoaderSimple", 2)
     assert linked(wf, only(wf, "VAEDecode")["id"], "vae") == ("CheckpointLoaderSimple", 2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_models(comfyui, tmp_path_factory):
+    """A models folder with a random-weight SD1.5 checkpoint under the saved name (built in ComfyUI's process: it
+    needs ComfyUI's UNet key map) and the tiny antelopev2."""
+    import tiny_comfy_models as tcm
+
+    folder = tmp_path_factory.mktemp("checkpoint-models")
+    comfyui.call(tcm.build_sd15_checkpoint, folder / "checkpoints" / "perflow-sd15-dreamshaper.safetensors")
+    (folder / "insightface").symlink_to(ce.tiny_models_dir("insightface") / "insightface")
+    return folder
+
+
+CHECKPOINT_TINY = {"EmptyLatentImage": {"width": 16, "height": 16}, "RectifIDComfySampler": {"iterations": 1}}
+
+
+def test_checkpoint_workflow_runs_end_to_end(comfyui, checkpoint_models, input_dir, tmp_path):
+    """ComfyUI's Load Checkpoint reads a full SD1.5 file (tiny UNet; ComfyUI's fixed ViT-L text encoder and SD VAE
+    at full size, random weights); the Checkpoint Flow, CFGGuider, the RectifID Sampler in SamplerCustomAdvanced
+    and VAE Decode run on ComfyUI's engine and SaveImage writes the decoded image."""
+    wf = load(ce.REPO / "workflows" / "rectifid_single_face_checkpoint.json")
+    run = comfyui.run_workflow(wf, CHECKPOINT_TINY, models_dir=checkpoint_models, input_dir=input_dir,
+                               output_dir=tmp_path)
+    assert run.error is None, run.error["traceback"]
+    assert run.events("execution_success")
+    ids = {v["class_type"]: k for k, v in run.prompt.items()}
+    output, denoised = run.outputs[ids["SamplerCustomAdvanced"]]
+    assert output["samples"].shape == (1, 4, 2, 2) and torch.isfinite(output["samples"]).all()
+    (images,) = run.outputs[ids["VAEDecode"]]
+    assert images.shape == (1, 16, 16, 3) and float(images.std()) > 0
+    (saved,) = run.images
+    with Image.open(saved) as png:
+        assert np.array_equal(np.asarray(png), np.clip(255.0 * images[0].numpy(), 0, 255).astype(np.uint8))
+    assert any(m["node"] == ids["SamplerCustomAdvanced"] for m in run.events("progress"))
+    preview = run.outputs[ids["RectifIDSubject"]][2]
+    assert preview.dim() == 4 and preview.shape[-1] == 3
+    assert ids["PreviewImage"] in {m["node"] for m in run.events("executed")}
