@@ -324,13 +324,12 @@ SAMPLER_DEFAULTS = {"guidance_scale": 0.0, "iterations": 20, "memory": "auto", "
 def placeholder_models(wf: dict, folder: Path) -> Path:
     """A models folder with an empty file under every name the workflow's stock loaders ask for (ComfyUI's
     validation only lists them) and the tiny antelopev2 for our face loader."""
-    stock = {"UNETLoader": (0,), "DualCLIPLoader": (0, 1), "VAELoader": (0,), "CheckpointLoaderSimple": (0,)}
-    kinds = {"UNETLoader": "diffusion_models", "DualCLIPLoader": "text_encoders", "VAELoader": "vae",
-             "CheckpointLoaderSimple": "checkpoints"}
+    files = {"UNETLoader": ["diffusion_models"], "DualCLIPLoader": ["text_encoders"] * 2, "VAELoader": ["vae"],
+             "CheckpointLoaderSimple": ["checkpoints"]}  # their file widgets come first
     for n in wf["nodes"]:
-        for i in stock.get(n["type"], ()):
-            (folder / kinds[n["type"]]).mkdir(parents=True, exist_ok=True)
-            (folder / kinds[n["type"]] / n["widgets_values"][i]).write_bytes(b"")
+        for kind, name in zip(files.get(n["type"], []), n["widgets_values"]):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            (folder / kind / name).write_bytes(b"")
     (folder / "insightface").symlink_to(ce.tiny_models_dir("insightface") / "insightface")
     return folder
 
