@@ -463,6 +463,10 @@ class ComfyUIProcess:
     def _call(self, fn: Any, *args: Any) -> Any:
         return self._pool.submit(_in_child, self.path, self._threads, fn, *args).result()
 
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run a module-level function in the ComfyUI process (e.g. a model builder that needs ComfyUI's key maps)."""
+        return self._call(fn, *args)
+
     def run_workflow(self, workflow: Workflow, overrides: dict[str, dict[str, Any]] | None = None,
                      models_dir: str | os.PathLike | None = None, input_dir: str | os.PathLike | None = None,
                      output_dir: str | os.PathLike | None = None) -> Result:

@@ -14,8 +14,13 @@ import comfy_executor as ce
 import comfyui_runtime as cr
 
 WORKFLOWS = sorted((ce.REPO / "workflows").glob("rectifid_*.json"))
-MODEL_INPUTS = {"flow_folder": "diffusers", "model_pack": "insightface", "dinov2": "dinov2", "owlvit": "owlvit",
-                "clip_vision": "clip_vision"}
+# the workflows on our own loaders and RectifIDSampler (run end to end); the others sample through ComfyUI's models
+OWN_LOADERS = [p for p in WORKFLOWS if p.stem not in ("rectifid_flux_schnell_face", "rectifid_single_face_checkpoint")]
+SINGLE_FACE = ce.REPO / "workflows" / "rectifid_single_face.json"
+# model-file inputs -> the folder under ComfyUI/models the setup note must name for them
+MODEL_INPUTS = {"flow_folder": "diffusers", "model_pack": "insightface/models", "dinov2": "dinov2", "owlvit": "owlvit",
+                "clip_vision": "clip_vision", "unet_name": "diffusion_models", "clip_name1": "text_encoders",
+                "clip_name2": "text_encoders", "vae_name": "vae", "ckpt_name": "checkpoints"}
 SEED_CONTROLS = ("fixed", "increment", "decrement", "randomize")
 ANY = "*"  # PreviewAny's input takes every type
 # small sizes for the end-to-end runs; steps, CFG and s stay as saved (auto) and resolve from the tiny PeRFlow
@@ -40,8 +45,9 @@ def definitions(comfyui):
     return comfyui.node_definitions()
 
 
-def test_the_four_workflows_exist():
-    assert [p.name for p in WORKFLOWS] == ["rectifid_dog_and_cat.json", "rectifid_single_face.json",
+def test_the_six_workflows_exist():
+    assert [p.name for p in WORKFLOWS] == ["rectifid_dog_and_cat.json", "rectifid_flux_schnell_face.json",
+                                           "rectifid_single_face.json", "rectifid_single_face_checkpoint.json",
                                            "rectifid_single_object_l1.json", "rectifid_two_faces.json"]
 
 
@@ -53,7 +59,12 @@ def test_structure_and_links(path, definitions):
     assert len(nodes) == len(wf["nodes"]) and wf["last_node_id"] >= max(nodes)
     assert wf["last_link_id"] >= max(link[0] for link in wf["links"])
     notes = [n for n in wf["nodes"] if n["type"] in cr.FRONTEND_ONLY]
-    assert len(notes) == 1 and "models/diffusers" in notes[0]["widgets_values"][0]  # setup notes for users
+    assert len(notes) == 1  # the setup note names where every model file the workflow loads goes
+    for n in wf["nodes"]:
+        if n["type"] not in cr.FRONTEND_ONLY:
+            for name, value in cr.map_widgets(definitions[n["type"]], n["widgets_values"]).items():
+                if name in MODEL_INPUTS:
+                    assert f"ComfyUI/models/{MODEL_INPUTS[name]}/{value}" in notes[0]["widgets_values"][0], value
     for n in wf["nodes"]:
         assert n["type"] in definitions or n["type"] in cr.FRONTEND_ONLY, f"unknown node type {n['type']}"
         assert {"id", "pos", "size", "inputs", "outputs", "widgets_values", "mode", "order"} <= set(n)
@@ -86,7 +97,7 @@ def test_widget_values_fit_their_inputs(path, definitions):
             i += 1 + cr.extra_widget_values(name, spec)
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", OWN_LOADERS, ids=lambda p: p.stem)
 def test_prompt_passes_comfyuis_validation(path, comfyui, input_dir):
     """The prompt the frontend would send passes execution.validate_prompt with the models and photos present."""
     wf = load(path)
@@ -108,7 +119,7 @@ def test_prompt_passes_comfyuis_validation(path, comfyui, input_dir):
 
 def test_validation_names_the_node_and_the_wrong_value(comfyui, input_dir):
     """ComfyUI's validation, not ours: a missing photo and an out-of-range value are refused, naming the node."""
-    wf = load(WORKFLOWS[1])
+    wf = load(SINGLE_FACE)
     problems = {"LoadImage": ({"image": "absent.png"}, "Invalid image file: absent.png"),
                 "RectifIDSampler": ({"batch_size": 0}, "Value 0 smaller than min of 1")}
     for kind, (override, message) in problems.items():
@@ -121,7 +132,7 @@ def test_validation_names_the_node_and_the_wrong_value(comfyui, input_dir):
         comfyui.validate_workflow(wf, overrides={"RectifIDSampler": {"iteration": 1}})
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", OWN_LOADERS, ids=lambda p: p.stem)
 def test_paper_defaults(path, definitions):
     """The workflows leave size, steps, CFG and s on auto (the end-to-end run checks what they resolve to)."""
     wf = load(path)
@@ -141,7 +152,7 @@ def test_paper_defaults(path, definitions):
 TITLE_HEIGHT = 30
 MENU_LEFT, MENU_TOP = 80, 100  # screen pixels
 CANVAS_MARGIN = 20
-SHOWS_IMAGES = ("LoadImage", "PreviewImage", "SaveImage", "RectifIDSampler")
+SHOWS_IMAGES = ("LoadImage", "PreviewImage", "SaveImage", "RectifIDSampler", "SamplerCustomAdvanced")
 
 
 def footprint(node: dict) -> tuple[float, float, float, float]:
@@ -174,7 +185,8 @@ def test_everything_the_run_relies_on_is_shown(path, definitions):
     nodes = {n["id"]: n for n in wf["nodes"]}
     shown_by = {(src, slot): nodes[dst]["type"] for _, src, slot, dst, _, _ in wf["links"]}
     wanted = {"RectifIDSubject": {"reference_preview": "PreviewImage"}, "RectifIDDetectCrop": {"preview": "PreviewImage"},
-              "RectifIDSampler": {"images": "SaveImage", "history_plot": "PreviewImage", "report": "PreviewAny"}}
+              "RectifIDSampler": {"images": "SaveImage", "history_plot": "PreviewImage", "report": "PreviewAny"},
+              "VAEDecode": {"IMAGE": "SaveImage"}}  # after SamplerCustomAdvanced (its SAMPLER has no report output)
     for n in wf["nodes"]:
         for output, viewer in wanted.get(n["type"], {}).items():
             slot = definitions[n["type"]]["output_name"].index(output)
@@ -202,7 +214,7 @@ def input_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", OWN_LOADERS, ids=lambda p: p.stem)
 def test_runs_end_to_end(path, comfyui, definitions, input_dir, tmp_path):
     """ComfyUI's PromptExecutor runs the workflow: its LoadImage reads the photos, its SaveImage writes the PNG."""
     wf = load(path)
@@ -242,7 +254,7 @@ def test_runs_end_to_end(path, comfyui, definitions, input_dir, tmp_path):
 def test_a_failing_node_reports_through_comfyuis_execution_error(comfyui, input_dir, tmp_path):
     """A photo without a face (black: the tiny detector scores green): the executor stops at the node that raised
     and sends its message to the client."""
-    wf = load(WORKFLOWS[1])
+    wf = load(SINGLE_FACE)
     _png(np.zeros((64, 64, 3)), tmp_path / "dark.png")
     run = comfyui.run_workflow(wf, {**TINY, "LoadImage": {"image": "dark.png"}}, models_dir=models_for(wf),
                                input_dir=tmp_path, output_dir=tmp_path / "output")
@@ -301,3 +313,143 @@ def test_comfyui_loads_its_node_set_and_the_pack_as_a_server_does(comfyui, defin
     stock = {"LoadImage", "SaveImage", "PreviewImage", "PreviewAny", "CheckpointLoaderSimple", "UNETLoader",
              "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "SamplerCustomAdvanced", "BasicGuider", "CFGGuider"}
     assert stock <= set(definitions)
+
+
+# ------------------------------------------------ the workflows on ComfyUI's own loaders and the RectifID SAMPLER
+COMFY_WORKFLOWS = [p for p in WORKFLOWS if p not in OWN_LOADERS]
+SAMPLER_DEFAULTS = {"guidance_scale": 0.0, "iterations": 20, "memory": "auto", "solver": "anchored",
+                    "ck_mode": "per_window"}  # s auto (1.0 for faces), N = 20 as the PeRFlow face workflow
+
+
+def placeholder_models(wf: dict, folder: Path) -> Path:
+    """A models folder with an empty file under every name the workflow's stock loaders ask for (ComfyUI's
+    validation only lists them) and the tiny antelopev2 for our face loader."""
+    files = {"UNETLoader": ["diffusion_models"], "DualCLIPLoader": ["text_encoders"] * 2, "VAELoader": ["vae"],
+             "CheckpointLoaderSimple": ["checkpoints"]}  # their file widgets come first
+    for n in wf["nodes"]:
+        for kind, name in zip(files.get(n["type"], []), n["widgets_values"]):
+            (folder / kind).mkdir(parents=True, exist_ok=True)
+            (folder / kind / name).write_bytes(b"")
+    (folder / "insightface").symlink_to(ce.tiny_models_dir("insightface") / "insightface")
+    return folder
+
+
+def linked(wf: dict, node_id: int, input_name: str) -> tuple[str, int]:
+    """(source node type, source slot) of the link into a node's input."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    (link,) = [i["link"] for i in nodes[node_id]["inputs"] if i["name"] == input_name]
+    (_, src, slot, _, _, _) = next(entry for entry in wf["links"] if entry[0] == link)
+    return nodes[src]["type"], slot
+
+
+def only(wf: dict, kind: str) -> dict:
+    (node,) = [n for n in wf["nodes"] if n["type"] == kind]
+    return node
+
+
+@pytest.mark.parametrize("path", COMFY_WORKFLOWS, ids=lambda p: p.stem)
+def test_comfy_model_workflows_pass_comfyuis_validation(path, comfyui, input_dir, tmp_path):
+    """ComfyUI's validation with empty placeholder files under the saved model names. For the FLUX.1-schnell
+    workflow this is the only check on the engine: DualCLIPLoader builds T5-XXL and CLIP-L at their real sizes
+    from the file (no tiny version loads), so it cannot run here. The checkpoint variant also runs end to end
+    (test_checkpoint_workflow_runs_end_to_end)."""
+    wf = load(path)
+    check = comfyui.validate_workflow(wf, models_dir=placeholder_models(wf, tmp_path), input_dir=input_dir)
+    assert check.ok, check.describe()
+    nodes = {str(n["id"]): n for n in wf["nodes"] if n["type"] not in cr.FRONTEND_ONLY}
+    assert set(check.prompt) == set(nodes)
+    assert sorted(check.outputs) == sorted(k for k, n in nodes.items() if n["type"] in ("SaveImage", "PreviewImage"))
+    (sampler,) = [v["inputs"] for v in check.prompt.values() if v["class_type"] == "RectifIDComfySampler"]
+    (decode,) = [v["inputs"] for v in check.prompt.values() if v["class_type"] == "VAEDecode"]
+    assert {k: v for k, v in sampler.items() if k not in ("objective", "vae")} == SAMPLER_DEFAULTS
+    assert sampler["vae"] == decode["vae"]  # guidance decodes with the VAE that decodes the result
+    (noise,) = [v["inputs"] for v in check.prompt.values() if v["class_type"] == "RandomNoise"]
+    assert noise == {"noise_seed": 42}
+
+
+def test_flux_schnell_workflow_samples_as_schnell_does(definitions):
+    """FLUX.1-schnell: 4 Euler steps of ComfyUI's simple schedule, no CFG (BasicGuider), 1024 px, T5 + CLIP-L."""
+    wf = load(ce.REPO / "workflows" / "rectifid_flux_schnell_face.json")
+    values = {n["type"]: cr.map_widgets(definitions[n["type"]], n["widgets_values"]) for n in wf["nodes"]
+              if n["type"] not in cr.FRONTEND_ONLY}
+    assert values["UNETLoader"] == {"unet_name": "flux1-schnell.safetensors", "weight_dtype": "default"}
+    assert values["DualCLIPLoader"] == {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                        "type": "flux", "device": "default"}
+    assert values["BasicScheduler"] == {"scheduler": "simple", "steps": 4, "denoise": 1.0}
+    assert values["EmptySD3LatentImage"] == {"width": 1024, "height": 1024, "batch_size": 1}
+    assert values["CLIPTextEncode"]["text"] == cr.map_widgets(
+        definitions["RectifIDSampler"], only(load(SINGLE_FACE), "RectifIDSampler")["widgets_values"])["positive"]
+    assert "CFGGuider" not in values and "KSamplerSelect" not in values
+    advanced = only(wf, "SamplerCustomAdvanced")["id"]
+    assert [linked(wf, advanced, name) for name in ("noise", "guider", "sampler", "sigmas", "latent_image")] == \
+        [("RandomNoise", 0), ("BasicGuider", 0), ("RectifIDComfySampler", 0), ("BasicScheduler", 0),
+         ("EmptySD3LatentImage", 0)]
+    assert linked(wf, only(wf, "RectifIDComfySampler")["id"], "vae") == ("VAELoader", 0)
+    assert linked(wf, only(wf, "RectifIDComfySampler")["id"], "objective") == ("RectifIDSubject", 1)
+    assert linked(wf, only(wf, "RectifIDSubject")["id"], "model") == ("RectifIDFaceModelLoader", 0)
+    assert linked(wf, only(wf, "BasicGuider")["id"], "model") == ("UNETLoader", 0)
+
+
+def test_checkpoint_workflow_samples_the_checkpoint_as_its_flow(definitions):
+    """Load Checkpoint -> Checkpoint Flow (perflow, auto, its 4 windows): the guider's MODEL and the sigmas come
+    from the Checkpoint Flow (the raw checkpoint would be sampled as an eps model), CFG 3.0, 512 px, the
+    checkpoint's CLIP for both prompts and its VAE for guidance and decoding."""
+    wf = load(ce.REPO / "workflows" / "rectifid_single_face_checkpoint.json")
+    own = cr.map_widgets(definitions["RectifIDSampler"], only(load(SINGLE_FACE), "RectifIDSampler")["widgets_values"])
+    flow = only(wf, "RectifIDCheckpointFlow")
+    assert cr.map_widgets(definitions["RectifIDCheckpointFlow"], flow["widgets_values"]) == \
+        {"flow_type": "perflow", "prediction_type": "auto", "steps": 0}
+    assert only(wf, "CFGGuider")["widgets_values"] == [3.0]
+    assert only(wf, "EmptyLatentImage")["widgets_values"] == [512, 512, 1]
+    guider = only(wf, "CFGGuider")["id"]
+    assert linked(wf, guider, "model") == ("RectifIDCheckpointFlow", 0)
+    assert linked(wf, flow["id"], "model") == ("CheckpointLoaderSimple", 0)
+    prompts = {n["id"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "CLIPTextEncode"}
+    for name, text in (("positive", own["positive"]), ("negative", own["negative"])):
+        (link,) = [i["link"] for i in only(wf, "CFGGuider")["inputs"] if i["name"] == name]
+        source = next(entry[1] for entry in wf["links"] if entry[0] == link)
+        assert prompts[source] == text and linked(wf, source, "clip") == ("CheckpointLoaderSimple", 1)
+    advanced = only(wf, "SamplerCustomAdvanced")["id"]
+    assert [linked(wf, advanced, name) for name in ("noise", "guider", "sampler", "sigmas", "latent_image")] == \
+        [("RandomNoise", 0), ("CFGGuider", 0), ("RectifIDComfySampler", 0), ("RectifIDCheckpointFlow", 1),
+         ("EmptyLatentImage", 0)]
+    assert linked(wf, only(wf, "RectifIDComfySampler")["id"], "vae") == ("CheckpointLoaderSimple", 2)
+    assert linked(wf, only(wf, "VAEDecode")["id"], "vae") == ("CheckpointLoaderSimple", 2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_models(comfyui, tmp_path_factory):
+    """A models folder with a random-weight SD1.5 checkpoint under the saved name (built in ComfyUI's process: it
+    needs ComfyUI's UNet key map) and the tiny antelopev2."""
+    import tiny_comfy_models as tcm
+
+    folder = tmp_path_factory.mktemp("checkpoint-models")
+    comfyui.call(tcm.build_sd15_checkpoint, folder / "checkpoints" / "perflow-sd15-dreamshaper.safetensors")
+    (folder / "insightface").symlink_to(ce.tiny_models_dir("insightface") / "insightface")
+    return folder
+
+
+CHECKPOINT_TINY = {"EmptyLatentImage": {"width": 16, "height": 16}, "RectifIDComfySampler": {"iterations": 1}}
+
+
+def test_checkpoint_workflow_runs_end_to_end(comfyui, checkpoint_models, input_dir, tmp_path):
+    """ComfyUI's Load Checkpoint reads a full SD1.5 file (tiny UNet; ComfyUI's fixed ViT-L text encoder and SD VAE
+    at full size, random weights); the Checkpoint Flow, CFGGuider, the RectifID Sampler in SamplerCustomAdvanced
+    and VAE Decode run on ComfyUI's engine and SaveImage writes the decoded image."""
+    wf = load(ce.REPO / "workflows" / "rectifid_single_face_checkpoint.json")
+    run = comfyui.run_workflow(wf, CHECKPOINT_TINY, models_dir=checkpoint_models, input_dir=input_dir,
+                               output_dir=tmp_path)
+    assert run.error is None, run.error["traceback"]
+    assert run.events("execution_success")
+    ids = {v["class_type"]: k for k, v in run.prompt.items()}
+    output, denoised = run.outputs[ids["SamplerCustomAdvanced"]]
+    assert output["samples"].shape == (1, 4, 2, 2) and torch.isfinite(output["samples"]).all()
+    (images,) = run.outputs[ids["VAEDecode"]]
+    assert images.shape == (1, 16, 16, 3) and float(images.std()) > 0
+    (saved,) = run.images
+    with Image.open(saved) as png:
+        assert np.array_equal(np.asarray(png), np.clip(255.0 * images[0].numpy(), 0, 255).astype(np.uint8))
+    assert any(m["node"] == ids["SamplerCustomAdvanced"] for m in run.events("progress"))
+    preview = run.outputs[ids["RectifIDSubject"]][2]
+    assert preview.dim() == 4 and preview.shape[-1] == 3
+    assert ids["PreviewImage"] in {m["node"] for m in run.events("executed")}

@@ -84,3 +84,38 @@ def load_tiny_flux(path: Path, dtype: torch.dtype) -> object:
     model = model_config.get_model(sd, "")
     model.load_model_weights(sd, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def build_sd15_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A single-file SD1.5 checkpoint Load Checkpoint accepts (LDM layout: UNet, CLIP text model, VAE), with random
+    weights. Needs ComfyUI importable (its own UNet key map; run it in the ComfyUI child process). Only the UNet
+    can shrink (tiny_comfy_sd15_unet); ComfyUI fixes SD1's CLIP (ViT-L text, sd1_clip_config.json) and its SD VAE
+    widths, so those two are full size, stored in fp16 (~0.4 GB) and cast to fp32 on load."""
+    import comfy.utils
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_diffusers import COMFY_SD15_LAYOUT, tiny_comfy_sd15_unet
+
+    unet = tiny_comfy_sd15_unet(seed)
+    mapping = comfy.utils.unet_to_diffusers(COMFY_SD15_LAYOUT)
+    weights = {"model.diffusion_model." + mapping[k]: v for k, v in unet.state_dict().items()}
+    config = CLIPTextConfig.from_json_file(str(Path(comfy.utils.__file__).parent / "sd1_clip_config.json"))
+    with torch.device("meta"):  # shapes only: filling the tensors ourselves is ~10x faster than the HF init
+        shapes = {k: v.shape for k, v in CLIPTextModel(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    for name, shape in shapes.items():
+        if name.endswith("position_ids"):
+            value = torch.arange(shape[-1]).expand(shape)
+        elif "norm" in name:
+            value = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        else:
+            value = 0.02 * torch.randn(shape, generator=gen)
+        weights["cond_stage_model.transformer." + name] = value
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4)
+    weights.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()}, str(path))
+    return path
