@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..guidance import MEMORY_MODES, SOLVER_MODES
+from ..guidance import MEMORY_MODES, SOLVER_MODES, check_memory_mode
 from .measure import DTYPES, BenchSettings, measure_in_subprocess, run_settings
 from .models import FAMILIES
 from .report import markdown_table, write_results
@@ -16,6 +16,14 @@ PRESETS = {
     "sd15": {"family": "sd15", "width_scale": 1.0, "size": 512},
     "sdxl": {"family": "sdxl", "width_scale": 1.0, "size": 1024},
 }
+
+
+def _memory_mode(value: str) -> str:
+    try:
+        check_memory_mode(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-repeats", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", nargs="+", choices=MEMORY_MODES, default=["store", "checkpoint"],
-                   help="one subprocess per memory mode")
+    p.add_argument("--memory", nargs="+", type=_memory_mode, default=["store", "checkpoint"],
+                   help=f"one subprocess per memory mode: {', '.join(MEMORY_MODES)} or partial:n (n steps recomputed)")
     p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")
