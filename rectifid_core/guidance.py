@@ -49,7 +49,7 @@ memory="checkpoint" does that for every step (about one extra forward of
 everything); memory="lowest" also runs
 the CFG halves one at a time, each recomputed (half the UNet activations at
 the peak). A backend that can recompute inside its own modules does so
-(flow.set_memory_saving: the SD VAE decoder per block) and the solver then
+(flow.set_memory_saving: the SD VAE decoder per resnet) and the solver then
 leaves that part unwrapped, so no activation is recomputed twice.
 The recomputed steps are the first ones: their backward comes last, after the
 stored steps' activations are freed, so the peak holds the stored steps and
