@@ -139,14 +139,14 @@ def auto_guidance_scale(objective: Objective) -> float:
 
 # Activations kept for the backward at 4 bytes per value (fp32; fp16/bf16 keep half):
 # "window" = one classifier-free-guided window call, "decode" = the VAE decode,
-# "decode_recompute" = the peak of the decode's forward+backward with its blocks
+# "decode_recompute" = the peak of the decode's forward+backward with its resnets
 # recomputed, in bytes per latent element (C*h*w) plus bytes per image ("*_fixed":
 # text features, the recognizer). Fitted on the real architectures at two image sizes by
 # `python -m rectifid_core.benchmark.calibrate` (torch allocation accounting, SDPA attention);
 # see benchmark/results/README.md.
 ACTIVATION_BYTES = {
-    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "decode_recompute": 207_880,
-             "fixed": 112_267_548},
+    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "decode_recompute": 146_952,
+             "fixed": 112_317_068},
     "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 207_880,
              "fixed": 112_267_548},
 }
@@ -194,7 +194,7 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, famil
                             dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Activation memory of one guidance iteration (weights excluded) for each memory mode.
 
-    "decode_recompute" is the peak of the decoder's forward+backward with its blocks
+    "decode_recompute" is the peak of the decoder's forward+backward with its resnets
     recomputed; "lowest" is bounded by "checkpoint" (splitting CFG never measured lower).
     "partial:n" (n = 1..num_steps-1) keeps the other steps' activations and the first n
     steps' inputs: its peak is at the start of the backward, or one recomputed step's

@@ -6,7 +6,8 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..guidance import MEMORY_MODES, SOLVER_MODES, check_memory_mode
+from ..cli import memory_mode
+from ..guidance import MEMORY_MODES, SOLVER_MODES
 from .measure import DTYPES, BenchSettings, measure_in_subprocess, run_settings
 from .models import FAMILIES
 from .report import markdown_table, write_results
@@ -16,14 +17,6 @@ PRESETS = {
     "sd15": {"family": "sd15", "width_scale": 1.0, "size": 512},
     "sdxl": {"family": "sdxl", "width_scale": 1.0, "size": 1024},
 }
-
-
-def _memory_mode(value: str) -> str:
-    try:
-        check_memory_mode(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-repeats", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", nargs="+", type=_memory_mode, default=["store", "checkpoint"],
+    p.add_argument("--memory", nargs="+", type=memory_mode, default=["store", "checkpoint"],
                    help=f"one subprocess per memory mode: {', '.join(MEMORY_MODES)} or partial:n (n steps recomputed)")
     p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
