@@ -46,14 +46,13 @@ memory="partial:n" also keeps only the input of the first n steps and
 recomputes their model calls (one extra forward of each), storing the others';
 memory="partial" picks n from the free memory (the fewest that fit);
 memory="checkpoint" does that for every step (about one extra forward of
-everything); memory="lowest" also runs
-the CFG halves one at a time, each recomputed (half the UNet activations at
-the peak). A backend that can recompute inside its own modules does so
+everything); memory="lowest" also runs the CFG halves one at a time, each
+recomputed (half the UNet activations at the peak). A backend that can recompute inside its own modules does so
 (flow.set_memory_saving: the SD VAE decoder per resnet) and the solver then
 leaves that part unwrapped, so no activation is recomputed twice.
 The recomputed steps are the first ones: their backward comes last, after the
-stored steps' activations are freed, so the peak holds the stored steps and
-one recomputed step, never both at once.
+stored steps' activations are freed, so the peak holds either the stored
+steps' activations or one recomputed step's, never both.
 `choose_memory_mode` picks the fastest mode whose estimate fits the free memory
 (memory="auto" does that with CUDA's free memory; callers with their own view
 of free memory, such as ComfyUI's model management, call it themselves).
@@ -92,7 +91,7 @@ class GuidanceConfig:
     momentum: float = 0.9  # noise_gd only
     l2: float = 1.0  # noise_gd only
     l2_target: str = "sampled_noise"  # noise_gd only: what the l2 term pulls toward (solvers.noise_gd_step)
-    memory: str = "store"  # one of MEMORY_MODES; see the module docstring
+    memory: str = "store"  # one of MEMORY_MODES or "partial:n" (n steps recomputed); see the module docstring
     offset_momentum: float = 0.5  # anchored_momentum only
     parallel_rescale: float = 1.0  # factor on the step's part parallel to the prompt direction; 1 = RectifID
     parallel_sign: str = "opposing"  # which parallel parts are rescaled (parallel_rescaling.py)
