@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from rectifid_core.compiled import COMPILE_MODES
-from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo,
+from rectifid_core.guidance import (CK_MODES, MEMORY_MODES, PARTIAL, SOLVER_MODES, GuidanceConfig, IterationInfo,
                                     estimate_guidance_bytes, memory_family, resolve_memory_mode)
 from rectifid_core.pipeline import PersonalizeResult, PersonalizeSettings, personalize, resolve_settings
 from rectifid_core.plots import plot_history
@@ -67,6 +67,10 @@ def _shown(value: float, asked: float | None) -> str:
     return f"{value:g} (auto)" if asked is None else f"{value:g}"
 
 
+def _shown_mode(used: str, asked: str) -> str:
+    return used if used == asked else f"{used} ({asked})"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
@@ -77,7 +81,8 @@ def report(result: PersonalizeResult, asked: PersonalizeSettings) -> list[str]:
     lines = [f"settings: {_shown(used.width, asked.width)} x {_shown(used.height, asked.height)} px, "
              f"{_shown(used.num_steps, asked.num_steps)} steps, {_plural(g.iterations, 'iteration')}, guidance scale "
              f"{_shown(g.scale, asked.guidance.scale)}, CFG {_shown(used.cfg_scale, asked.cfg_scale)}, solver {g.mode}, "
-             f"c_k {g.ck_mode}, memory {g.memory}, seed {used.seed}, batch {used.batch_size}"]
+             f"c_k {g.ck_mode}, memory {_shown_mode(g.memory, asked.guidance.memory)}, seed {used.seed}, "
+             f"batch {used.batch_size}"]
     return lines + outcome_lines(result)
 
 
@@ -154,10 +159,12 @@ class RectifIDSampler:
                 "default": "auto",
                 "tooltip": "store keeps activations for the backward pass (fastest); recompute_vae keeps the "
                            "UNet's and recomputes the VAE decoder's (one extra decode, much less VRAM at 512 px); "
-                           "checkpoint recomputes them all (slower, least VRAM: SDXL, large images or batches); lowest "
-                           "also runs the CFG halves one at a time (slower still); auto picks the fastest of store, "
-                           "recompute_vae, checkpoint whose estimate fits in the VRAM free now. Only as much VRAM as "
-                           "the chosen mode needs is freed from ComfyUI's models."}),
+                           "partial also recomputes the UNet calls of the first steps, as few as fit in the VRAM free "
+                           "now (one extra UNet call each; the report says how many: partial:N); checkpoint "
+                           "recomputes every step (slower, least VRAM: SDXL, large images or batches); lowest also "
+                           "runs the CFG halves one at a time (slower still); auto picks the fastest of store, "
+                           "recompute_vae, partial:N, checkpoint whose estimate fits in the VRAM free now. Only as "
+                           "much VRAM as the chosen mode needs is freed from ComfyUI's models."}),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                    "tooltip": "Images generated together from one seed (each gets its own noise)."}),
             "compile": (list(COMPILE_MODES), {
@@ -194,7 +201,7 @@ class RectifIDSampler:
             guidance=GuidanceConfig(scale=_auto(float(guidance_scale)), iterations=int(iterations), mode=solver,
                                     ck_mode=ck_mode, memory=memory, compile=compile))
         settings = resolve_settings(asked, flow, objective.objective)
-        if memory == "auto":  # ComfyUI's count of free VRAM includes what its caches can give back
+        if memory in ("auto", PARTIAL):  # ComfyUI's count of free VRAM includes what its caches can give back
             shape = flow.latent_shape(settings.batch_size, settings.height, settings.width)
             settings.guidance = dataclasses.replace(
                 settings.guidance, memory=resolve_memory_mode(memory, flow, shape, bridge.free_memory(flow.device),

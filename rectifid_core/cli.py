@@ -26,8 +26,8 @@ import torch
 
 from .compiled import check_compile_support, show_compile_progress
 from .devices import parse_device
-from .guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, estimate_guidance_bytes,
-                       memory_family)
+from .guidance import (CK_MODES, MEMORY_MODES, SOLVER_MODES, GuidanceConfig, IterationInfo, check_memory_mode,
+                       estimate_guidance_bytes, memory_family, recomputed_steps, resolve_memory_mode)
 from .objectives.faces import FACE_SELECTIONS
 from .objectives.onnx_convert import UnsupportedOnnxOperator
 from .objectives.scrfd import DETECTOR_BACKENDS
@@ -139,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "true CFG with --negative)")
     g.add_argument("--ck-mode", default="per_window", choices=CK_MODES)
     g.add_argument("--solver", default="anchored", choices=SOLVER_MODES)
-    g.add_argument("--memory", default="auto", choices=MEMORY_MODES,
+    g.add_argument("--memory", default="auto", type=memory_mode, metavar="|".join(MEMORY_MODES) + "|partial:N",
                    help="store: keep activations (fastest); recompute_vae: keep the UNet's, recompute the VAE "
-                        "decoder's in the backward pass; checkpoint: recompute all of them (least VRAM of the three, "
-                        "slowest); lowest: also one CFG half at a time; auto: the fastest of store, recompute_vae, "
-                        "checkpoint that fits in free GPU memory (default)")
+                        "decoder's in the backward pass; partial:N: also recompute the UNet calls of the first N "
+                        "steps (one extra UNet forward each), partial: the fewest N that fit in free GPU memory; "
+                        "checkpoint: recompute every step (least VRAM of these, slowest); lowest: also one CFG half "
+                        "at a time; auto: the fastest of store, recompute_vae, partial:N, checkpoint that fits in "
+                        "free GPU memory (default)")
     g.add_argument("--compile", action="store_true",
                    help="run the guidance iteration through torch.compile (CUDA graphs on CUDA); the first run of "
                         "a size compiles (minutes), later runs reuse the kernels cached under "
@@ -199,13 +201,23 @@ def check_image_size(width: int | None, height: int | None, factor: int) -> None
                              f"{factor}x{factor} pixel blocks); use {' or '.join(map(str, near))}")
 
 
+def memory_mode(value: str) -> str:
+    """argparse type of --memory: one of MEMORY_MODES or partial:N."""
+    try:
+        check_memory_mode(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def memory_refusal(flow, shape: tuple[int, ...], memory: str, free_bytes: int, num_steps: int) -> str | None:
     """Why a generation of latent `shape` will not fit in `free_bytes`, or None when the estimate says it fits.
 
-    Uses the mode asked for, or for "auto" the leanest it may fall back to (checkpoint).
+    Uses the mode asked for, or for "auto" and "partial" the leanest they may fall back to.
     """
     need = estimate_guidance_bytes(shape, num_steps, memory_family(flow), flow.dtype)
-    mode = "checkpoint" if memory == "auto" else memory
+    mode = resolve_memory_mode(memory, flow, shape, free_bytes=0, num_steps=num_steps)  # the leanest choice
+    recomputed_steps(mode, num_steps)  # partial:N with N >= the steps: a clear error
     if need[mode] <= free_bytes:
         return None
     gib = 1024 ** 3

@@ -42,12 +42,17 @@ of each window's step that is parallel to the prompt's direction at that window
 Memory: memory="recompute_vae" stores the window activations and recomputes
 only the VAE decode in the backward pass (one extra decoder forward per
 iteration; the decoder's activations are the largest part at 512 px);
-memory="checkpoint" also keeps only each window's input and recomputes its
-model call (about one extra forward of everything); memory="lowest" also runs
-the CFG halves one at a time, each recomputed (half the UNet activations at
-the peak). A backend that can recompute inside its own modules does so
-(flow.set_memory_saving: the SD VAE decoder per block) and the solver then
+memory="partial:n" also keeps only the input of the first n steps and
+recomputes their model calls (one extra forward of each), storing the others';
+memory="partial" picks n from the free memory (the fewest that fit);
+memory="checkpoint" does that for every step (about one extra forward of
+everything); memory="lowest" also runs the CFG halves one at a time, each
+recomputed (half the UNet activations at the peak). A backend that can recompute inside its own modules does so
+(flow.set_memory_saving: the SD VAE decoder per resnet) and the solver then
 leaves that part unwrapped, so no activation is recomputed twice.
+The recomputed steps are the first ones: their backward comes last, after the
+stored steps' activations are freed, so the peak holds either the stored
+steps' activations or one recomputed step's, never both.
 `choose_memory_mode` picks the fastest mode whose estimate fits the free memory
 (memory="auto" does that with CUDA's free memory; callers with their own view
 of free memory, such as ComfyUI's model management, call it themselves).
@@ -72,8 +77,8 @@ from .solvers import L2_TARGETS, MomentumUpdate, UpdateRule, anchored_update, no
 LEGACY_CK = 0.95796674  # the released SD1.5 code's constant for every window
 SOLVER_MODES = ("anchored", "no_anchor", "noise_gd", "anchored_momentum")
 CK_MODES = ("per_window", "legacy", "one")
-MEMORY_MODES = ("store", "recompute_vae", "checkpoint", "lowest", "auto")
-AUTO_MEMORY_ORDER = ("store", "recompute_vae", "checkpoint")  # fastest first; lowest is never chosen by auto
+MEMORY_MODES = ("store", "recompute_vae", "partial", "checkpoint", "lowest", "auto")
+PARTIAL = "partial"  # "partial:n" recomputes the first n steps; plain "partial" chooses n from the free memory
 AUTO_HEADROOM = 0.85  # share of the free memory auto lets a mode's estimated activations take
 
 
@@ -86,7 +91,7 @@ class GuidanceConfig:
     momentum: float = 0.9  # noise_gd only
     l2: float = 1.0  # noise_gd only
     l2_target: str = "sampled_noise"  # noise_gd only: what the l2 term pulls toward (solvers.noise_gd_step)
-    memory: str = "store"  # one of MEMORY_MODES; see the module docstring
+    memory: str = "store"  # one of MEMORY_MODES or "partial:n" (n steps recomputed); see the module docstring
     offset_momentum: float = 0.5  # anchored_momentum only
     parallel_rescale: float = 1.0  # factor on the step's part parallel to the prompt direction; 1 = RectifID
     parallel_sign: str = "opposing"  # which parallel parts are rescaled (parallel_rescaling.py)
@@ -97,8 +102,7 @@ class GuidanceConfig:
             raise ValueError(f"unknown solver mode {self.mode!r}; choose one of {', '.join(SOLVER_MODES)}")
         if self.ck_mode not in CK_MODES:
             raise ValueError(f"unknown c_k mode {self.ck_mode!r}; choose one of {', '.join(CK_MODES)}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"unknown memory mode {self.memory!r}; choose one of {', '.join(MEMORY_MODES)}")
+        check_memory_mode(self.memory)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"unknown compile option {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.iterations, int) or self.iterations < 0:
@@ -134,16 +138,17 @@ def auto_guidance_scale(objective: Objective) -> float:
 
 # Activations kept for the backward at 4 bytes per value (fp32; fp16/bf16 keep half):
 # "window" = one classifier-free-guided window call, "decode" = the VAE decode,
-# "decode_recompute" = the peak of the decode's forward+backward with its blocks
+# "decode_recompute" = the peak of the decode's forward+backward with its resnets
 # recomputed, in bytes per latent element (C*h*w) plus bytes per image ("*_fixed":
 # text features, the recognizer). Fitted on the real architectures at two image sizes by
 # `python -m rectifid_core.benchmark.calibrate` (torch allocation accounting, SDPA attention);
 # see benchmark/results/README.md.
 ACTIVATION_BYTES = {
-    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "decode_recompute": 207_880,
-             "fixed": 112_267_548},
-    "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 207_880,
-             "fixed": 112_267_548},
+    "sd15": {"window": 187_941, "window_fixed": 15_407_064, "decode": 364_425, "decode_recompute": 146_952,
+             "fixed": 112_317_068},
+    # SDXL's VAE has SD1.5's decoder topology: its decode entries are the SD1.5 fit (calibration_sd15.json)
+    "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 146_952,
+             "fixed": 112_317_068},
     # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents)
     "flux": {"window": 124_510, "window_fixed": 2_036_021_256, "decode": 91_108, "decode_recompute": 51_972,
              "fixed": 112_267_548},
@@ -153,12 +158,52 @@ ACTIVATION_BYTES = {
 FP32_DECODE = ("sdxl",)  # its VAE config asks for fp32 decoding (force_upcast), whatever the model dtype
 
 
+def partial_mode(recomputed: int) -> str:
+    """The memory mode that recomputes the model calls of the first `recomputed` steps: "partial:n"."""
+    return f"{PARTIAL}:{recomputed}"
+
+
+def check_memory_mode(memory: str) -> None:
+    """Raise for anything but one of MEMORY_MODES or "partial:n" with n >= 1."""
+    if memory in MEMORY_MODES:
+        return
+    name, _, count = str(memory).partition(":")
+    if name != PARTIAL or not count.isdigit() or int(count) < 1:
+        raise ValueError(f"unknown memory mode {memory!r}; choose one of {', '.join(MEMORY_MODES)}, "
+                         f"or partial:n to recompute the first n steps (n >= 1)")
+
+
+def recomputed_steps(memory: str, num_steps: int) -> int:
+    """How many of the first steps a resolved memory mode recomputes in the backward pass (0 for store, recompute_vae)."""
+    check_memory_mode(memory)
+    if memory in ("auto", PARTIAL):
+        raise ValueError(f"memory {memory!r} is resolved into a mode first (resolve_memory_mode)")
+    if memory in ("checkpoint", "lowest"):
+        return num_steps
+    if not memory.startswith(PARTIAL):
+        return 0
+    n = int(memory.partition(":")[2])
+    if n >= num_steps:
+        raise ValueError(f"memory {memory} recomputes {n} steps but the run has {num_steps}; "
+                         + (f"use partial:1 to partial:{num_steps - 1}, or " if num_steps > 1 else "use ")
+                         + "checkpoint to recompute every step")
+    return n
+
+
+def memory_order(num_steps: int) -> tuple[str, ...]:
+    """The modes `auto` chooses from, fastest first: each recomputes more (lowest is never chosen)."""
+    return ("store", "recompute_vae", *(partial_mode(n) for n in range(1, num_steps)), "checkpoint")
+
+
 def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
                             dtype: torch.dtype = torch.float16) -> dict[str, int]:
     """Activation memory of one guidance iteration (weights excluded) for each memory mode.
 
-    "decode_recompute" is the peak of the decoder's forward+backward with its blocks
+    "decode_recompute" is the peak of the decoder's forward+backward with its resnets
     recomputed; "lowest" is bounded by "checkpoint" (splitting CFG never measured lower).
+    "partial:n" (n = 1..num_steps-1) keeps the other steps' activations and the first n
+    steps' inputs: its peak is at the start of the backward, or one recomputed step's
+    activations when the stored steps are fewer than that.
     """
     if family not in ACTIVATION_BYTES:
         raise ValueError(f"no activation estimate for model family {family!r}; "
@@ -172,21 +217,34 @@ def estimate_guidance_bytes(latent_shape: tuple[int, ...], num_steps: int, famil
     dec_recompute = per["decode_recompute"] * n * (1.0 if family in FP32_DECODE else width)
     inputs = 4 * n * (num_steps + 1)  # the step inputs a checkpointed rollout keeps
     checkpointed = int(max(window, dec_recompute) + fixed + inputs)
+    partial = {partial_mode(r): int(max((num_steps - r) * window + dec_recompute, window) + fixed + 4 * n * (r + 1))
+               for r in range(1, num_steps)}
     return {"store": int(num_steps * window + dec + fixed),
             "recompute_vae": int(num_steps * window + dec_recompute + fixed),
-            "checkpoint": checkpointed, "lowest": checkpointed}
+            **partial, "checkpoint": checkpointed, "lowest": checkpointed}
 
 
 def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps: int, family: str = "sd15",
-                       dtype: torch.dtype = torch.float16, headroom: float = AUTO_HEADROOM) -> str:
-    """The fastest of store, recompute_vae, checkpoint whose activations fit in `headroom` of the free memory.
+                       dtype: torch.dtype = torch.float16, headroom: float = AUTO_HEADROOM,
+                       memory: str = "auto") -> str:
+    """The fastest mode whose activations fit in `headroom` of the free memory.
 
-    When none fits, "checkpoint" (the leanest of them); callers that refuse a run check the estimate themselves.
+    memory "auto" chooses among `memory_order` (store, recompute_vae, partial:1.., checkpoint),
+    "partial" among partial:1..partial:{num_steps-1}. When none fits, the leanest of them;
+    callers that refuse a run check the estimate themselves.
     """
     if free_bytes < 0:
         raise ValueError(f"free memory must be >= 0 bytes, got {free_bytes}")
+    order = memory_order(num_steps)
+    if memory == PARTIAL:
+        order = tuple(m for m in order if m.startswith(PARTIAL))
+        if not order:
+            raise ValueError(f"memory partial recomputes some of the steps, but the run has {num_steps}; "
+                             "use recompute_vae or checkpoint")
+    elif memory != "auto":
+        raise ValueError(f"only auto and partial are chosen from the free memory, not {memory!r}")
     need = estimate_guidance_bytes(latent_shape, num_steps, family, dtype)
-    return next((mode for mode in AUTO_MEMORY_ORDER if need[mode] <= headroom * free_bytes), AUTO_MEMORY_ORDER[-1])
+    return next((mode for mode in order if need[mode] <= headroom * free_bytes), order[-1])
 
 
 def memory_family(flow: RectifiedFlow) -> str:
@@ -202,19 +260,21 @@ def memory_family(flow: RectifiedFlow) -> str:
 
 def resolve_memory_mode(memory: str, flow: RectifiedFlow, latent_shape: tuple[int, ...],
                         free_bytes: int | None = None, num_steps: int | None = None) -> str:
-    """Resolve "auto" from the free memory given (e.g. ComfyUI's count) or CUDA's; off CUDA it means store.
+    """Resolve "auto" and "partial" from the free memory given (e.g. ComfyUI's count) or CUDA's.
 
+    Off CUDA with no count given, auto means store and partial recomputes one step.
     `num_steps` is the number of guided steps the run will take (default: the flow's own).
     """
-    if memory != "auto":
+    if memory not in ("auto", PARTIAL):
         return memory
+    steps = flow.num_steps if num_steps is None else num_steps
     device = torch.device(flow.device)
     if free_bytes is None:
         if device.type != "cuda":
-            return "store"
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    steps = flow.num_steps if num_steps is None else num_steps
-    return choose_memory_mode(free_bytes, latent_shape, steps, memory_family(flow), flow.dtype)
+            free_bytes = 1 << 62  # no limit known: the fastest choice
+        else:
+            free_bytes, _ = torch.cuda.mem_get_info(device)
+    return choose_memory_mode(free_bytes, latent_shape, steps, memory_family(flow), flow.dtype, memory=memory)
 
 
 @dataclass
@@ -268,22 +328,30 @@ def normalize_window_grad(g: torch.Tensor) -> torch.Tensor:
     return g / norm.view(-1, *([1] * (g.dim() - 1)))
 
 
+def solver_recomputes(flow: RectifiedFlow, recompute_steps: int) -> bool:
+    """True when a rollout with grad checkpoints steps itself (re-running them from outside a compiled graph)."""
+    return recompute_steps > 0 and not flow.recomputes_step
+
+
 def rollout(flow: RectifiedFlow, cond: Conditioning, z0: torch.Tensor, offsets: list[torch.Tensor],
-            checkpoint: bool = False, interrupt: Interrupt | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            recompute_steps: int = 0, interrupt: Interrupt | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Walk all steps applying the offsets; returns the final latent and every step's input state.
 
-    With `checkpoint` (and grad enabled) each step's model call keeps only its input and
-    is recomputed during the backward pass, unless the backend recomputes it itself
-    (flow.recomputes_step). `interrupt` is called before every step.
+    With grad enabled the model calls of the first `recompute_steps` steps keep only their
+    input and are recomputed during the backward pass, unless the backend recomputes them
+    itself (flow.recomputes_step). `interrupt` is called before every step.
     """
     z = z0
     starts = []
-    recompute = checkpoint and torch.is_grad_enabled() and not flow.recomputes_step
+    recompute = torch.is_grad_enabled() and solver_recomputes(flow, recompute_steps)
     for k in range(flow.num_steps):
         if interrupt is not None:
             interrupt()
         starts.append(z)
-        out = _checkpoint(flow.step, z, k, cond, use_reentrant=False) if recompute else flow.step(z, k, cond)
+        if recompute and k < recompute_steps:
+            out = _checkpoint(flow.step, z, k, cond, use_reentrant=False)
+        else:
+            out = flow.step(z, k, cond)
         z = out + offsets[k].to(z.dtype)
     return z, starts
 
@@ -333,22 +401,23 @@ def guide(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: 
         config = dataclasses.replace(config, scale=auto_guidance_scale(objective))
     _check_inputs(flow, noise, cond)
     memory = resolve_memory_mode(config.memory, flow, tuple(noise.shape))
+    recompute_steps = recomputed_steps(memory, flow.num_steps)
     flow.set_memory_saving(memory != "store", split_cfg=memory == "lowest")
     try:
-        # memory "checkpoint" re-runs the compiled step from outside it in the backward pass, where replaying
-        # CUDA graphs is not safe: plain inductor kernels then (the other modes recompute inside the graph)
-        graphs = memory != "checkpoint"
+        # memory "checkpoint" and "partial:n" re-run compiled steps from outside them in the backward pass,
+        # where replaying CUDA graphs is not safe: plain inductor kernels then (lowest recomputes inside the graph)
+        graphs = not solver_recomputes(flow, recompute_steps)
         with (compiled_run(flow, objective, tuple(noise.shape), graphs) if config.compile == "on"
               else nullcontext(flow)) as run:
-            return _solve(run, cond, objective, noise, config, memory, callback, interrupt)
+            return _solve(run, cond, objective, noise, config, memory, recompute_steps, callback, interrupt)
     finally:
         flow.set_memory_saving(False)
 
 
 def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise: torch.Tensor,
-           config: GuidanceConfig, memory: str, callback: Callback | None,
+           config: GuidanceConfig, memory: str, recompute_steps: int, callback: Callback | None,
            interrupt: Interrupt | None) -> GuidanceResult:
-    recompute_steps, recompute_decode = memory in ("checkpoint", "lowest"), memory != "store"
+    recompute_decode = memory != "store"
     ck = anchor_coefficients(flow, config.ck_mode)
     update = _offset_rule(config)
     z0 = noise.detach()
@@ -363,7 +432,7 @@ def _solve(flow: RectifiedFlow, cond: Conditioning, objective: Objective, noise:
         scored = (offsets, noise_offset)
         with torch.enable_grad():
             start = (z0.to(work) + noise_offset).to(z0.dtype).requires_grad_(True)
-            z_final, starts = rollout(flow, cond, start, offsets, checkpoint=recompute_steps, interrupt=interrupt)
+            z_final, starts = rollout(flow, cond, start, offsets, recompute_steps, interrupt=interrupt)
             image = decode(flow, z_final, checkpoint=recompute_decode)
             out = as_output(objective(image))
             loss = out.loss.float().sum()

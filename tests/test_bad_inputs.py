@@ -439,6 +439,12 @@ def test_memory_refusal_follows_the_estimate():
     assert "memory mode recompute_vae" in message and "--memory checkpoint" in message
     assert memory_refusal(flow, shape, "recompute_vae", need["recompute_vae"], steps) is None
     assert memory_refusal(flow, shape, "store", need["store"], steps) is None
+    # partial may fall back to recomputing all but one step; partial:N only runs with fewer than the steps
+    assert memory_refusal(flow, shape, "partial", need[f"partial:{steps - 1}"], steps) is None
+    message = memory_refusal(flow, shape, "partial", need[f"partial:{steps - 1}"] - 1, steps)
+    assert f"memory mode partial:{steps - 1}" in message and "--memory checkpoint" in message
+    with pytest.raises(ValueError, match=f"partial:{steps} recomputes {steps} steps but the run has {steps}"):
+        memory_refusal(flow, shape, f"partial:{steps}", 1 << 50, steps)
 
 
 def test_devices_this_machine_lacks_are_refused_by_cli_and_node():

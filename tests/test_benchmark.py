@@ -46,7 +46,7 @@ def test_checkpointed_rollout_gives_the_same_gradients(tiny) -> None:
     grads = []
     for recompute in (False, True):
         start = noise.clone().requires_grad_(True)
-        z, starts = rollout(flow, cond, start, offsets, checkpoint=recompute)
+        z, starts = rollout(flow, cond, start, offsets, flow.num_steps if recompute else 0)
         loss = models.objective(decode(flow, z, checkpoint=recompute)).loss.sum()
         grads.append(torch.autograd.grad(loss, starts))
     for a, b in zip(*grads):
@@ -75,6 +75,16 @@ def test_unknown_memory_mode_is_rejected_and_auto_stores_on_the_cpu(tiny) -> Non
     between = int(need["recompute_vae"] / 0.85) + 16
     assert need["store"] > 0.85 * between
     assert resolve_memory_mode("auto", models.flow, tuple(noise.shape), free_bytes=between) == "recompute_vae"
+    # partial: n from the free memory given; off CUDA without a count, the fastest (one step recomputed)
+    assert resolve_memory_mode("partial", models.flow, tuple(noise.shape)) == "partial:1"
+    assert resolve_memory_mode("partial", models.flow, tuple(noise.shape), free_bytes=1) == "partial:3"
+    assert resolve_memory_mode("partial:2", models.flow, tuple(noise.shape), free_bytes=1) == "partial:2"
+    GuidanceConfig(memory="partial:2").validate()
+    for bad in ("partial:0", "partial:x", "partial:", "partial:-1"):
+        with pytest.raises(ValueError, match="partial:n to recompute the first n steps"):
+            GuidanceConfig(memory=bad).validate()
+    with pytest.raises(ValueError, match="the run has 1; use recompute_vae or checkpoint"):
+        resolve_memory_mode("partial", models.flow, tuple(noise.shape), num_steps=1)
 
 
 def _by_hand(family: str, shape: tuple[int, ...], steps: int, width: float, decode_width: float) -> dict[str, float]:
@@ -83,8 +93,12 @@ def _by_hand(family: str, shape: tuple[int, ...], steps: int, width: float, deco
     window = (c["window"] * n + c["window_fixed"]) * width
     fixed = c["fixed"] * width
     recomputed_decoder = c["decode_recompute"] * n * decode_width
+    # partial:r: the K-r stored windows and the decoder's recomputation at the start of the backward,
+    # or one recomputed window once they are freed, plus the r recomputed steps' inputs and z_K
+    partial = {f"partial:{r}": max((steps - r) * window + recomputed_decoder, window) + fixed + 4 * n * (r + 1)
+               for r in range(1, steps)}
     return {"store": steps * window + c["decode"] * n * decode_width + fixed,
-            "recompute_vae": steps * window + recomputed_decoder + fixed,
+            "recompute_vae": steps * window + recomputed_decoder + fixed, **partial,
             "checkpoint": max(window, recomputed_decoder) + fixed + 4 * n * (steps + 1)}
 
 
@@ -93,13 +107,19 @@ def test_auto_picks_the_fastest_mode_whose_independent_estimate_fits() -> None:
     need = _by_hand("sd15", shape, 4, 0.5, 0.5)
     assert estimate_guidance_bytes(shape, 4, "sd15", torch.float16) == pytest.approx(
         {**need, "lowest": need["checkpoint"]}, rel=1e-6)
-    assert need["store"] > need["recompute_vae"] > need["checkpoint"]
-    for fits in ("store", "recompute_vae", "checkpoint"):
+    order = ["store", "recompute_vae", "partial:1", "partial:2", "partial:3", "checkpoint"]
+    assert [need[m] for m in order] == sorted((need[m] for m in order), reverse=True)
+    for fits in order:
         free = int(need[fits] / 0.85) + 16
         assert choose_memory_mode(free, shape, 4, "sd15", torch.float16) == fits
     # just below what recompute_vae needs: the next leaner mode; below everything: the leanest
-    assert choose_memory_mode(int(need["recompute_vae"] / 0.85) - 16, shape, 4, "sd15", torch.float16) == "checkpoint"
+    assert choose_memory_mode(int(need["recompute_vae"] / 0.85) - 16, shape, 4, "sd15", torch.float16) == "partial:1"
     assert choose_memory_mode(0, shape, 4, "sd15", torch.float16) == "checkpoint"
+    # "partial" chooses only among the partial modes: the fewest recomputed steps that fit, else the most
+    assert choose_memory_mode(1 << 50, shape, 4, "sd15", torch.float16, memory="partial") == "partial:1"
+    assert choose_memory_mode(int(need["partial:2"] / 0.85) + 16, shape, 4, "sd15", torch.float16,
+                              memory="partial") == "partial:2"
+    assert choose_memory_mode(0, shape, 4, "sd15", torch.float16, memory="partial") == "partial:3"
     bigger = estimate_guidance_bytes((2, 4, 64, 64), 4, "sd15", torch.float32)
     assert bigger["store"] == pytest.approx(4 * need["store"], rel=0.05)
     with pytest.raises(ValueError, match="family"):

@@ -20,3 +20,14 @@ def test_a_value_that_is_neither_auto_nor_a_number_is_a_usage_error(capsys):
         build_parser().parse_args(REQUIRED + ["--steps", "eight"])
     assert exit_info.value.code == 2
     assert "expected 'auto' or an integer, got 'eight'" in capsys.readouterr().err
+
+
+def test_memory_takes_the_modes_and_partial_with_a_step_count(capsys):
+    parser = build_parser()
+    assert parser.parse_args(REQUIRED).memory == "auto"
+    for value in ("partial", "partial:2", "recompute_vae"):
+        assert parser.parse_args(REQUIRED + ["--memory", value]).memory == value
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(REQUIRED + ["--memory", "partial:0"])
+    assert exit_info.value.code == 2
+    assert "unknown memory mode 'partial:0'" in capsys.readouterr().err

@@ -105,14 +105,16 @@ def test_compiled_run_matches_eager_and_a_second_run_compiles_nothing(face_setup
 
 
 def test_compiled_steps_inside_checkpoints_give_the_stored_result(face_setup):
-    """memory 'checkpoint' recomputes the compiled step calls in the backward: same iterates as eager store."""
+    """memory 'checkpoint' and 'partial:1' recompute (some of) the compiled step calls in the backward: same
+    iterates as eager store."""
     flow, cond, objective, noise = face_setup
     config = GuidanceConfig(iterations=2, scale=1.0)
     eager = guide(flow, cond, objective, noise, config)
-    fast = guide(flow, cond, objective, noise, dataclasses.replace(config, compile="on", memory="checkpoint"))
-    torch.testing.assert_close(torch.tensor(fast.losses, dtype=torch.float64),
-                               torch.tensor(eager.losses, dtype=torch.float64), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(fast.image, eager.image, rtol=0, atol=1e-9)
+    for memory in ("checkpoint", "partial:1"):
+        fast = guide(flow, cond, objective, noise, dataclasses.replace(config, compile="on", memory=memory))
+        torch.testing.assert_close(torch.tensor(fast.losses, dtype=torch.float64),
+                                   torch.tensor(eager.losses, dtype=torch.float64), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(fast.image, eager.image, rtol=0, atol=1e-9)
 
 
 def test_compile_off_runs_no_compiler_and_equals_the_default_path(face_setup):
@@ -209,7 +211,7 @@ def test_cuda_graphs_only_on_cuda_and_not_under_outer_recomputation(monkeypatch)
     flow = PixelFlow()
     cond = flow.encode(["x"], [""], 1.0)
     noise = torch.zeros(1, 3, SIZE, SIZE, dtype=torch.float64)
-    for memory in ("store", "checkpoint"):
+    for memory in ("store", "recompute_vae", "checkpoint", "partial:1"):
         guidance.guide(flow, cond, lambda image: image.sum(dim=(1, 2, 3)), noise,
                        guidance.GuidanceConfig(iterations=1, memory=memory, compile="on"))
-    assert asked == [True, False]
+    assert asked == [True, True, False, False]

@@ -4,6 +4,7 @@ The gradients are compared in float64: in fp32 the batched and split CFG calls r
 and a random-weight recognizer's PReLU kinks can turn that rounding into a 3e-3 difference on some
 CPUs; in float64 rounding cannot hide (or fake) a real difference.
 """
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -13,7 +14,7 @@ from rectifid_core.benchmark.measure import profiled_peak_bytes
 from rectifid_core.benchmark.models import build_models
 from rectifid_core.guidance import GuidanceConfig, decode, guide, initial_noise, rollout
 
-RECOMPUTING = ("recompute_vae", "checkpoint", "lowest")
+RECOMPUTING = ("recompute_vae", "partial:2", "checkpoint", "lowest")
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,18 @@ def tiny64():
     return models, cond, noise
 
 
+def _recomputing(flow) -> bool:
+    """Whether any decoder module still runs a recomputing forward of its own."""
+    return any("forward" in vars(m) for m in flow.components.vae.decoder.modules())
+
+
 def _gradients(models, cond, noise, saving: bool, split_cfg: bool = False) -> list[torch.Tensor]:
     flow = models.flow
     flow.set_memory_saving(saving, split_cfg)
     try:
         start = noise.clone().requires_grad_(True)
         offsets = [torch.zeros_like(noise) for _ in range(flow.num_steps)]
-        z, starts = rollout(flow, cond, start, offsets, checkpoint=True)
+        z, starts = rollout(flow, cond, start, offsets, flow.num_steps)
         loss = models.objective(decode(flow, z, checkpoint=True)).loss.sum()
         return list(torch.autograd.grad(loss, starts))
     finally:
@@ -57,14 +63,57 @@ def test_memory_saving_keeps_gradients_lowers_the_peak_and_is_undone_after_guide
 
     for memory in RECOMPUTING:
         _run(models, cond, noise, memory, iterations=1)
-        assert not (flow.memory_saving or flow.split_cfg or flow.components.vae.is_gradient_checkpointing)
+        assert not (flow.memory_saving or flow.split_cfg or _recomputing(flow))
 
 
-def test_recompute_vae_keeps_less_than_store_and_more_than_checkpoint(tiny64):
+def test_each_mode_keeps_less_than_the_faster_one_before_it(tiny64):
+    """store > recompute_vae > partial:1 > partial:2 > partial:3 > checkpoint in measured peak of live allocations."""
     models, cond, noise = tiny64
-    peaks = {m: profiled_peak_bytes(lambda: _run(models, cond, noise, m, iterations=1))
-             for m in ("store", "recompute_vae", "checkpoint")}
-    assert peaks["store"] > peaks["recompute_vae"] > peaks["checkpoint"], peaks
+    order = ["store", "recompute_vae", "partial:1", "partial:2", "partial:3", "checkpoint"]
+    peaks = [profiled_peak_bytes(lambda: _run(models, cond, noise, m, iterations=1)) for m in order]
+    assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), dict(zip(order, peaks))
+
+
+def test_partial_recomputes_the_first_steps_with_the_same_gradients(tiny64, monkeypatch):
+    """partial:r runs the model calls of steps 0..r-1 twice (once more in the backward), the others once,
+    and gives every window start the gradient of the stored rollout (float64)."""
+    models, cond, noise = tiny64
+    flow = models.flow
+    calls: Counter = Counter()
+    step = flow.step
+    monkeypatch.setattr(flow, "step", lambda z, k, c: calls.update([k]) or step(z, k, c))
+    offsets = [0.05 * torch.randn_like(noise) for _ in range(flow.num_steps)]
+    grads = {}
+    for r in (0, 1, 3):
+        calls.clear()
+        flow.set_memory_saving(r > 0)
+        try:
+            start = noise.clone().requires_grad_(True)
+            z, starts = rollout(flow, cond, start, offsets, r)
+            loss = models.objective(decode(flow, z)).loss.sum()
+            grads[r] = torch.autograd.grad(loss, starts + [z])
+        finally:
+            flow.set_memory_saving(False)
+        assert calls == Counter({k: 2 if k < r else 1 for k in range(flow.num_steps)}), (r, calls)
+    for r in (1, 3):
+        for a, b in zip(grads[0], grads[r], strict=True):
+            assert a.abs().max() > 0 and float((a - b).norm() / a.norm()) < 1e-12, r
+
+
+def test_partial_with_sub_steps_gives_the_stored_iterates(tiny64):
+    """PeRFlow run in 8 steps over its 4 windows: partial counts steps (model calls), not windows."""
+    models, cond, noise = tiny64
+    flow = models.flow.with_steps(8)
+    config = GuidanceConfig(scale=1.0, iterations=2)
+    store = guide(flow, cond, models.objective, noise, config)
+    latents = []
+    partial = guide(flow, cond, models.objective, noise, dataclasses.replace(config, memory="partial:5"),
+                    callback=lambda info: latents.append(info.latent))
+    assert store.losses[0] != store.losses[1]
+    assert partial.losses == pytest.approx(store.losses, rel=1e-10)
+    assert float((partial.latent - store.latent).norm() / (store.latent - noise).norm()) < 1e-8
+    with pytest.raises(ValueError, match="partial:8 recomputes 8 steps but the run has 8; use partial:1 to partial:7"):
+        guide(flow, cond, models.objective, noise, dataclasses.replace(config, memory="partial:8"))
 
 
 def _leaf_calls(modules: dict[str, torch.nn.Module]) -> tuple[Counter, list]:
@@ -89,7 +138,9 @@ def test_every_mode_gives_the_stored_iterates_and_recomputes_each_activation_at_
     models, cond, noise = tiny64
     flow, n = models.flow, 2
     c = flow.components
-    runs_per_iteration = {"store": (1, 1), "recompute_vae": (1, 2), "checkpoint": (2, 2), "lowest": (4, 2)}
+    # partial:2 recomputes 2 of the K=4 steps: 1.5 UNet runs per step on average
+    runs_per_iteration = {"store": (1, 1), "recompute_vae": (1, 2), "partial:2": (1.5, 2), "checkpoint": (2, 2),
+                          "lowest": (4, 2)}
     calls, results = {}, {}
     for memory in runs_per_iteration:
         calls[memory], handles = _leaf_calls({"unet": c.unet, "blocks": c.vae.decoder.up_blocks,
@@ -100,7 +151,7 @@ def test_every_mode_gives_the_stored_iterates_and_recomputes_each_activation_at_
         finally:
             for h in handles:
                 h.remove()
-        assert not (flow.memory_saving or flow.split_cfg or c.vae.is_gradient_checkpointing)
+        assert not (flow.memory_saving or flow.split_cfg or _recomputing(flow))
 
     store = results["store"]
     assert store.losses[0] != store.losses[1]  # the update moved the iterate, so its gradients were used

@@ -156,8 +156,8 @@ def test_memory_needed_counts_weights_off_the_device_and_the_chosen_modes_activa
     c = flow.components
     weights = sum(t.numel() * t.element_size() for m in (c.unet, c.vae, c.text_encoder)
                   for t in [*m.parameters(), *m.buffers()])
-    for mode, key in (("store", "store"), ("recompute_vae", "recompute_vae"), ("checkpoint", "checkpoint"),
-                      ("lowest", "checkpoint")):
+    for mode, key in (("store", "store"), ("recompute_vae", "recompute_vae"), ("partial:3", "partial:3"),
+                      ("checkpoint", "checkpoint"), ("lowest", "checkpoint")):
         settings = PersonalizeSettings(prompt="a photo", width=32, height=48, batch_size=2, cfg_scale=3.0, num_steps=8,
                                        guidance=GuidanceConfig(scale=1.0, memory=mode))
         activations = estimate_guidance_bytes(flow.latent_shape(2, 48, 32), 8, "sd15", torch.float32)[key]

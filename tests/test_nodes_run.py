@@ -95,6 +95,19 @@ def test_sampler_node_equals_the_pipeline_and_its_latent_decodes_to_its_images(m
     assert bridge.last_progress["preview"].size == (16, 24)
 
 
+def test_sampler_node_resolves_memory_partial_and_reports_the_steps_it_recomputes(models):
+    """memory 'partial' on the CPU (no free-VRAM count) recomputes one step: the stored images, 'partial:1' reported."""
+    flow, faces = models
+    _, bundle, _ = comfy(N["RectifIDSubject"]().build, faces, face_photo((10, 10, 1.0, 1.0)), "alice", "largest", 0,
+                         0.0)
+    args = dict(positive="a photo of a person", negative="", width=16, height=24, seed=11, steps=0, iterations=2,
+                guidance_scale=1.0, cfg=1.0, ck_mode="per_window", solver="anchored", batch_size=1)
+    stored, *_ = comfy(N["RectifIDSampler"]().sample, flow, bundle, memory="store", **args)
+    partial, _, _, report = comfy(N["RectifIDSampler"]().sample, flow, bundle, memory="partial", **args)
+    torch.testing.assert_close(partial, stored, rtol=0, atol=1e-5)  # fp32: same math, recomputed
+    assert ", memory partial:1 (partial), " in report.splitlines()[0]
+
+
 def test_cancel_ends_a_slow_iteration_within_one_model_call(models, monkeypatch):
     """Cancel pressed (the bridge's fallback flag) while a model call runs: no further model call starts."""
     flow, _ = models

@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..cli import memory_mode
 from ..guidance import MEMORY_MODES, SOLVER_MODES
 from .measure import DTYPES, BenchSettings, measure_in_subprocess, run_settings
 from .models import FAMILIES
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--floor-repeats", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--memory", nargs="+", choices=MEMORY_MODES, default=["store", "checkpoint"],
-                   help="one subprocess per memory mode")
+    p.add_argument("--memory", nargs="+", type=memory_mode, default=["store", "checkpoint"],
+                   help=f"one subprocess per memory mode: {', '.join(MEMORY_MODES)} or partial:n (n steps recomputed)")
     p.add_argument("--mode", choices=SOLVER_MODES, default="anchored")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch default)")

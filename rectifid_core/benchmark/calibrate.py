@@ -6,7 +6,7 @@
 Builds the family's random-weight models (text encoders one layer deep: prompts
 are encoded once, outside the loop), measures with torch's allocation accounting
 what one window call, the VAE decode and the recognizer keep for the backward,
-and the peak of the decode recomputed per block, at two image sizes (fp32, CPU,
+and the peak of the decode recomputed per resnet, at two image sizes (fp32, CPU,
 SDPA attention), and fits bytes = fixed + per_element * latent elements for the
 window and the decodes. Activation sizes do not depend
 on the device, so the CPU fit serves the CUDA memory choice.

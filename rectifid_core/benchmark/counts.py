@@ -1,6 +1,6 @@
 """How many times each part runs per guided iteration in each memory mode (recomputations show as extra runs).
 
-    python -m rectifid_core.benchmark.counts [--memory store recompute_vae checkpoint lowest]
+    python -m rectifid_core.benchmark.counts [--memory store recompute_vae partial:2 checkpoint lowest]
 
 Counts forward calls of the UNet's first layer (one per UNet call, a CFG half counting
 as a call) and of the first layer of the VAE decoder's last up block, during one
@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from ..cli import memory_mode
 from ..guidance import MEMORY_MODES, GuidanceConfig, guide, initial_noise
 from .models import build_models
 
@@ -38,8 +39,9 @@ def forward_counts(memory: str) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, int]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--memory", nargs="+", default=[m for m in MEMORY_MODES if m != "auto"],
-                        choices=[m for m in MEMORY_MODES if m != "auto"])
+    parser.add_argument("--memory", nargs="+", type=memory_mode,
+                        default=["store", "recompute_vae", "partial:2", "checkpoint", "lowest"],
+                        help=f"{', '.join(MEMORY_MODES)} or partial:n")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     out = {memory: forward_counts(memory) for memory in args.memory}

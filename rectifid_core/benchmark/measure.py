@@ -21,7 +21,7 @@ What is measured:
   live torch CPU allocations during one iteration, from the profiler's
   allocation events (exact, deterministic, excludes weights allocated before),
   (b) the activations each part keeps for its backward, and the peak of the
-  decode recomputed per block (same accounting; the constants of
+  decode recomputed per resnet (same accounting; the constants of
   `guidance.estimate_guidance_bytes` come from here), and
   (c) the process's peak RSS during the loop above its RSS before it
   (VmHWM after resetting it; includes allocator caching, so it is noisier).
@@ -171,7 +171,7 @@ def decode_recompute_peak(flow: Any, latent: torch.Tensor) -> int:
 
 def activation_bytes(models: BenchModels, cond: Any, noise: torch.Tensor) -> dict[str, int]:
     """Activations one window call (CFG included), the VAE decode and the recognizer keep for the backward,
-    and the peak of the decode recomputed per block (`decode_recompute_peak`)."""
+    and the peak of the decode recomputed per resnet (`decode_recompute_peak`)."""
     z = noise.detach().clone().requires_grad_(True)
     with torch.no_grad():
         latent = models.flow.step(z, 0, cond)

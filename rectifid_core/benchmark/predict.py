@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..guidance import AUTO_HEADROOM, AUTO_MEMORY_ORDER, FP32_DECODE, estimate_guidance_bytes
+from ..guidance import AUTO_HEADROOM, FP32_DECODE, estimate_guidance_bytes, memory_order, recomputed_steps
 from .models import IResNet, text_encoder_configs, unet_config, vae_config
 from .transformer_models import TRANSFORMER_FAMILIES, clip_configs, t5_config, transformer_config
 from .transformer_models import vae_config as transformer_vae_config
@@ -81,12 +81,14 @@ def weight_bytes(family: str, dtype: torch.dtype) -> dict[str, int]:
 
 
 def relative_time(mode: str, parts_ms: dict[str, float] | None, steps: int, forward_share: float) -> float:
-    """Iteration time over the floor when each recomputed part costs one more forward (no parts: the bound)."""
+    """Iteration time over the floor when each recomputed part costs one more forward (no parts: the bound).
+
+    Every mode but store recomputes the decoder; partial:n and checkpoint also the model calls of n (all) steps.
+    """
     if parts_ms is None:
         return 1.0 if mode == "store" else 1.0 + forward_share
     floor = steps * parts_ms["window"] + parts_ms["decode"] + parts_ms["recognizer"]
-    extra = {"store": 0.0, "recompute_vae": parts_ms["decode"],
-             "checkpoint": steps * parts_ms["window"] + parts_ms["decode"]}[mode]
+    extra = 0.0 if mode == "store" else recomputed_steps(mode, steps) * parts_ms["window"] + parts_ms["decode"]
     return 1.0 + forward_share * extra / floor
 
 
@@ -100,7 +102,7 @@ def predict(family: str, size: int, steps: int, dtype: torch.dtype, parts_ms: di
         weights, channels = weight_bytes(family, dtype), 4
     activations = estimate_guidance_bytes((1, channels, size // 8, size // 8), steps, family, dtype)
     rows = {}
-    for mode in AUTO_MEMORY_ORDER:
+    for mode in memory_order(steps):
         peak = sum(weights.values()) + activations[mode]
         rows[mode] = {"activations_gib": activations[mode] / GIB, "peak_gib": peak / GIB,
                       "auto_from_free_gib": activations[mode] / AUTO_HEADROOM / GIB,
