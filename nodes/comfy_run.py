@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from rectifid_core.flows.denoiser import DenoiserFlow, StepRule, check_sigmas
-from rectifid_core.guidance import (AUTO_HEADROOM, AUTO_MEMORY_ORDER, GuidanceConfig, IterationInfo,
+from rectifid_core.guidance import (AUTO_HEADROOM, GuidanceConfig, IterationInfo,
                                     auto_guidance_scale, guide)
 from rectifid_core.pipeline import summarize
 
@@ -27,6 +27,7 @@ from .comfy_model import (differentiable_calls, make_trainable, normal_conds, st
 from .sampler import ESTIMATE_MARGIN, _plural, _preview, log_report, outcome_lines
 
 SAMPLER_MEMORY_MODES = ("auto", "store", "recompute_vae", "checkpoint")
+AUTO_ORDER = SAMPLER_MEMORY_MODES[1:]  # fastest first
 
 
 @dataclass
@@ -74,9 +75,9 @@ def resolve_memory(memory: str, estimates: dict[str, int], device: torch.device,
         return memory
     free = bridge.free_memory(device)
     if free is None:
-        return AUTO_MEMORY_ORDER[0]
+        return AUTO_ORDER[0]
     room = AUTO_HEADROOM * max(0, free - to_load)
-    return next((m for m in AUTO_MEMORY_ORDER if estimates[m] <= room), AUTO_MEMORY_ORDER[-1])
+    return next((m for m in AUTO_ORDER if estimates[m] <= room), AUTO_ORDER[-1])
 
 
 def _check_latent(x: torch.Tensor, vae: Any) -> None:

@@ -149,7 +149,8 @@ ACTIVATION_BYTES = {
     # SDXL's VAE has SD1.5's decoder topology: its decode entries are the SD1.5 fit (calibration_sd15.json)
     "sdxl": {"window": 323_687, "window_fixed": 102_527_248, "decode": 364_425, "decode_recompute": 146_952,
              "fixed": 112_317_068},
-    # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents)
+    # FLUX.1-schnell / SD3.5 Large Turbo at CFG 1, extrapolated from two widths (16-channel latents); their
+    # decode_recompute was measured with per-block decoder checkpoints, an upper bound for the per-resnet ones
     "flux": {"window": 124_510, "window_fixed": 2_036_021_256, "decode": 91_108, "decode_recompute": 51_972,
              "fixed": 112_267_548},
     "sd35": {"window": 69_748, "window_fixed": 1_462_974_616, "decode": 91_108, "decode_recompute": 51_972,

@@ -22,7 +22,7 @@ import torch
 
 from .base import Conditioning, RectifiedFlow
 from .schedule import cfg_combine
-from .stable_diffusion import _prompt_lists
+from .stable_diffusion import _prompt_lists, recompute_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +159,8 @@ class FlowMatchingFlow(RectifiedFlow):
 
     # --- memory ---------------------------------------------------------------------------------------------
     def set_memory_saving(self, enabled: bool, split_cfg: bool = False) -> None:
-        """Recompute each transformer block and each VAE decoder block in the backward; `split_cfg` also runs
-        the CFG halves one at a time.
+        """Recompute each transformer block and each VAE decoder layer group (recompute_decoder) in the backward;
+        `split_cfg` also runs the CFG halves one at a time.
 
         Block-level recomputation keeps one block input per block and step instead of every
         activation, and each activation is recomputed once, so the solver wraps neither the
@@ -169,11 +169,11 @@ class FlowMatchingFlow(RectifiedFlow):
         """
         self.memory_saving = bool(enabled)
         self.split_cfg = bool(enabled and split_cfg)
-        for module in (self.components.transformer, self.components.vae):
-            if enabled:
-                module.enable_gradient_checkpointing()
-            else:
-                module.disable_gradient_checkpointing()
+        if enabled:
+            self.components.transformer.enable_gradient_checkpointing()
+        else:
+            self.components.transformer.disable_gradient_checkpointing()
+        recompute_decoder(self.components.vae, enabled)
 
     @property
     def recomputes_decode(self) -> bool:
