@@ -49,7 +49,8 @@ class RectifIDFlowLoader:
                 "default": "auto",
                 "tooltip": "auto reads the folder's scheduler and pipeline class. PeRFlow = piecewise rectified "
                            "flow (K straight windows); 2-rectified flow and InstaFlow take one Euler step per "
-                           "window."}),
+                           "window; flux / sd3 are FLUX.1 and SD3.x folders (Euler steps on their scheduler's "
+                           "sigmas)."}),
             "prediction_type": (list(PREDICTION_TYPES), {
                 "default": "auto",
                 "tooltip": "PeRFlow parameterisation; auto picks it from the scheduler config "
@@ -57,8 +58,9 @@ class RectifIDFlowLoader:
                            "2-rectified flow and InstaFlow: they always predict velocity."}),
             "dtype": (list(DTYPE_CHOICES), {
                 "default": "auto",
-                "tooltip": "Weight precision. auto = fp16 on a GPU, fp32 on the CPU. fp32 doubles VRAM but "
-                           "avoids fp16 overflow on some checkpoints."}),
+                "tooltip": "Weight precision. auto = fp16 on a GPU (bf16 for FLUX.1 and SD3.x, as their model cards "
+                           "load them), fp32 on the CPU. fp32 doubles VRAM but avoids fp16 overflow on some "
+                           "checkpoints."}),
             "device": _device_input(),
         }}
 
