@@ -22,7 +22,7 @@ def setup(comfyui: str) -> None:
 
 
 def conditioning(seed: int, dtype: torch.dtype = torch.float32) -> tuple[list, torch.Tensor, torch.Tensor]:
-    """A CONDITIONING list as CLIPTextEncode gives it, and its tensors for the diffusers reference."""
+    """A CONDITIONING list as CLIPTextEncode gives it, and its tensors for our backend."""
     gen = torch.Generator().manual_seed(seed)
     cross = torch.randn(1, COND_TOKENS, COND_DIM, generator=gen, dtype=dtype)
     pooled = torch.randn(1, POOLED_DIM, generator=gen, dtype=dtype)
@@ -37,19 +37,26 @@ def probe(seed: int) -> tuple:
     return cond, cross, pooled, noise, weights, torch.rand(1, 3, 32, 32, generator=gen, dtype=torch.float64), gen
 
 
-def reference_vae(models: Path):
-    """diffusers' AutoencoderKL in float64 with the weights ComfyUI's VAE loads, and ComfyUI's decode around it."""
+def diffusers_vae(models: Path, scaling_factor: float, shift_factor: float):
+    """diffusers' AutoencoderKL in float64 with the weights ComfyUI's VAE loads and the model's latent format."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     import tiny_comfy_models as tcm
-    vae = AutoencoderKL(**tcm.VAE_CONFIG).to(torch.float64)
+    vae = AutoencoderKL(**tcm.VAE_CONFIG, scaling_factor=scaling_factor, shift_factor=shift_factor).to(torch.float64)
     vae.load_state_dict(load_file(str(models / "vae.safetensors")))
-    vae.requires_grad_(False)
+    return vae
 
-    def decode(z, scale, shift):  # the latent format, the VAE and ComfyUI's output mapping
-        return ((vae.decode(z / scale + shift).sample + 1.0) / 2.0).clamp(0, 1)
-    return decode
+
+def backend(flow_class, transformer, vae, scheduler_config: dict, cross: torch.Tensor, pooled: torch.Tensor):
+    """Our diffusers backend (SD3Flow / FluxFlow) over already loaded float64 modules, fed the CONDITIONING's tensors
+    directly (no text encoders), cfg 1: the flow and its conditioning."""
+    from rectifid_core.flows.base import Conditioning
+    from rectifid_core.flows.flow_matching import FlowMatchingComponents
+
+    components = FlowMatchingComponents(transformer, vae, scheduler_config, text_encoder=None, tokenizer=None)
+    flow = flow_class(components, 4, "cpu", torch.float64)
+    return flow, Conditioning(batch=1, guidance_scale=1.0, tensors={"embeds": cross, "pooled": pooled})
 
 
 def capture_flow(pack, guider, sigmas, noise, vae, work):
@@ -67,40 +74,28 @@ def capture_flow(pack, guider, sigmas, noise, vae, work):
     return out["value"]
 
 
-def gradients(flow, rule, x, weights, target):
-    """d(sum w * (step_k(x) - x))/dx (the model's part of each step) from the same x, and d(image loss)/dx through
-    the whole chain."""
-    x = rule.start(x.detach().clone())
-    cond = flow.conditioning(x.shape[0])
+def gradients(flow, cond, x, weights, target):
+    """d(sum w * (step_k(x) - x))/dx (the model's part of each step) from the same x, the latent after each step, and
+    d(image loss)/dx through the whole chain: the same code for the ComfyUI adapter and our backend."""
+    x = x.detach().clone()
     per_step = []
     for k in range(flow.num_steps):
         z = x.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(((flow.step(z, k, cond) - z) * weights).sum(), z)
         per_step.append(g)
     z = x.clone().requires_grad_(True)
-    end = z
+    end, states = z, []
     for k in range(flow.num_steps):
         end = flow.step(end, k, cond)
+        states.append(end.detach())
     image = flow.decode(end)
     (g,) = torch.autograd.grad(((image - target) ** 2).sum(), z)
-    return per_step, g, image.detach()
+    return per_step, g, image.detach(), states
 
 
-def reference_gradients(velocity, decode, x, sigmas, weights, target):
-    """The same quantities through diffusers modules: Euler steps x + (s' - s) v(x, s) and the VAE decode."""
-    per_step = []
-    for k in range(len(sigmas) - 1):
-        z = x.clone().requires_grad_(True)
-        increment = (sigmas[k + 1] - sigmas[k]) * velocity(z, sigmas[k])
-        (g,) = torch.autograd.grad((increment * weights).sum(), z)
-        per_step.append(g)
-    z = x.clone().requires_grad_(True)
-    end = z
-    for k in range(len(sigmas) - 1):
-        end = end + (sigmas[k + 1] - sigmas[k]) * velocity(end, sigmas[k])
-    image = decode(end)
-    (g,) = torch.autograd.grad(((image - target) ** 2).sum(), z)
-    return per_step, g, image.detach()
+def comfy_gradients(flow, rule, x, weights, target):
+    """`gradients` through the adapter, from ComfyUI's noise-scaled start."""
+    return gradients(flow, flow.conditioning(x.shape[0]), rule.start(x), weights, target)
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -110,11 +105,13 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def comparison(ours, theirs) -> dict:
     return {"steps": [rel_error(a, b) for a, b in zip(ours[0], theirs[0], strict=True)],
             "chain": rel_error(ours[1], theirs[1]), "image": rel_error(ours[2], theirs[2]),
+            "states": [rel_error(a, b) for a, b in zip(ours[3], theirs[3], strict=True)],
             "chain_norm": float(theirs[1].norm()), "step_norms": [float(g.norm()) for g in theirs[0]]}
 
 
 def sd3_gradients(pack, models: Path) -> dict:
-    """(i) and (ii): gradients through the adapter vs diffusers in float64, without and with a LoRA."""
+    """(i) and (ii): gradients through the adapter vs our SD3Flow over the same float64 diffusers transformer and VAE,
+    without and with a LoRA (merged into the diffusers weights for the backend)."""
     import comfy.samplers
     import comfy.sd
     import comfy.utils
@@ -122,6 +119,8 @@ def sd3_gradients(pack, models: Path) -> dict:
     from safetensors.torch import load_file
 
     import tiny_comfy_models as tcm
+    from rectifid_core.flows.sd3 import SD3Flow
+    from tiny_transformer_flows import SD35_SCHEDULER
 
     f64 = torch.float64
     cond, cross, pooled, noise, weights, target, gen = probe(1)
@@ -133,45 +132,36 @@ def sd3_gradients(pack, models: Path) -> dict:
         lora[f"transformer.{name}.lora_B.weight"] = 0.3 * torch.randn(out_dim, rank, generator=gen, dtype=f64)
     strength = 0.8
 
-    reference = SD3Transformer2DModel(**tcm.SD3_CONFIG).to(f64)
-    reference.load_state_dict(load_file(str(models / "sd3.safetensors")))
-    reference.requires_grad_(False)
-    vae_decode = reference_vae(models)
-
-    def velocity(x, sigma):
-        # ComfyUI hands the model a float32 timestep and rounds its output to float32 (model_base._apply_model)
-        t = torch.tensor([sigma * 1000.0], dtype=torch.float32).to(f64)
-        v = reference(hidden_states=x, timestep=t, encoder_hidden_states=cross, pooled_projections=pooled).sample
-        return v.float().to(f64)
-
-    def decode(z):
-        return vae_decode(z, 1.5305, 0.0609)  # SD3's latent format
+    transformer = SD3Transformer2DModel(**tcm.SD3_CONFIG).to(f64)
+    transformer.load_state_dict(load_file(str(models / "sd3.safetensors")))
+    flow, flow_cond = backend(SD3Flow, transformer, diffusers_vae(models, 1.5305, 0.0609), SD35_SCHEDULER, cross,
+                              pooled)
 
     out = {}
     with torch.inference_mode():
         patcher = comfy.sd.load_diffusion_model(str(models / "sd3.safetensors"), model_options={"dtype": f64})
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae.safetensors")), dtype=f64)
         sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", 4)
-        values = [float(s) for s in sigmas.tolist()]
-        out["sigmas"] = values
+        out["sigmas"] = sigmas.tolist()
 
         def run(model):
             guider = comfy.samplers.CFGGuider(model)
             guider.set_conds(cond, cond)
             guider.set_cfg(1.0)
             return capture_flow(pack, guider, sigmas, noise, vae,
-                                lambda flow, rule, x: gradients(flow, rule, x, weights, target))
+                                lambda flow, rule, x: comfy_gradients(flow, rule, x, weights, target))
 
         ours = run(patcher)
         lora_patcher, _ = comfy.sd.load_lora_for_models(patcher, None, dict(lora), strength, 0)
         ours_lora = run(lora_patcher)
-    theirs = reference_gradients(velocity, decode, noise, values, weights, target)
+    out["backend_sigmas"] = flow.sigmas(32, 32)
+    theirs = gradients(flow, flow_cond, noise, weights, target)
     out["plain"] = comparison(ours, theirs)
     with torch.no_grad():
         for name in ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2"):
-            module = reference.get_submodule(name)
+            module = transformer.get_submodule(name)
             module.weight += strength * lora[f"transformer.{name}.lora_B.weight"] @ lora[f"transformer.{name}.lora_A.weight"]
-    theirs_lora = reference_gradients(velocity, decode, noise, values, weights, target)
+    theirs_lora = gradients(flow, flow_cond, noise, weights, target)
     out["lora"] = comparison(ours_lora, theirs_lora)
     out["lora_changes_chain"] = rel_error(ours_lora[1], ours[1])
     return out
@@ -179,7 +169,8 @@ def sd3_gradients(pack, models: Path) -> dict:
 
 def flux_gradients(pack, models: Path) -> dict:
     """(i) for a FLUX.1-schnell-shaped model: ComfyUI's rope op and in-place residual blocks, differentiated through
-    the adapter, against diffusers' FluxTransformer2DModel (packed tokens, image ids) on the same float64 weights."""
+    the adapter, against our FluxFlow (packed tokens, image ids) over diffusers' FluxTransformer2DModel on the same
+    weights in float64."""
     import comfy.ldm.flux.math as flux_math
     import comfy.samplers
     import comfy.sd
@@ -188,28 +179,15 @@ def flux_gradients(pack, models: Path) -> dict:
     from safetensors.torch import load_file
 
     import tiny_comfy_models as tcm
+    from rectifid_core.flows.flux import FluxFlow
+    from tiny_transformer_flows import FLUX_SCHNELL_SCHEDULER
 
     f64 = torch.float64
     cond, cross, pooled, noise, weights, target, _ = probe(3)
-    reference = FluxTransformer2DModel(**tcm.FLUX_CONFIG).to(f64)
-    reference.load_state_dict(load_file(str(models / "flux.safetensors")))
-    reference.requires_grad_(False)
-    vae_decode = reference_vae(models)
-    ids = torch.zeros(2, 2, 3, dtype=f64)
-    ids[..., 1] = torch.arange(2, dtype=f64)[:, None]
-    ids[..., 2] = torch.arange(2, dtype=f64)[None, :]
-
-    def velocity(x, sigma):
-        b, c, h, w = x.shape
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        t = torch.tensor([sigma], dtype=torch.float32).to(f64)  # ComfyUI's float32 timestep (multiplier 1)
-        v = reference(hidden_states=packed, timestep=t, pooled_projections=pooled, encoder_hidden_states=cross,
-                      txt_ids=torch.zeros(COND_TOKENS, 3, dtype=f64), img_ids=ids.reshape(-1, 3)).sample
-        v = v.float().to(f64).view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-        return v
-
-    def decode(z):
-        return vae_decode(z, 0.3611, 0.1159)  # FLUX's latent format
+    transformer = FluxTransformer2DModel(**tcm.FLUX_CONFIG).to(f64)
+    transformer.load_state_dict(load_file(str(models / "flux.safetensors")))
+    flow, flow_cond = backend(FluxFlow, transformer, diffusers_vae(models, 0.3611, 0.1159), FLUX_SCHNELL_SCHEDULER,
+                              cross, pooled)
 
     kitchen_rope = flux_math.apply_rope
     f32 = torch.float32  # ComfyUI's rope kernel (comfy_kitchen) takes fp16, bf16 and fp32 only
@@ -221,10 +199,11 @@ def flux_gradients(pack, models: Path) -> dict:
         guider.set_conds([[cross.float(), {"pooled_output": pooled.float()}]], cond)
         guider.set_cfg(1.0)
         ours = capture_flow(pack, guider, sigmas, noise.float(), vae,
-                            lambda flow, rule, x: gradients(flow, rule, x, weights.float(), target.float()))
-    theirs = reference_gradients(velocity, decode, noise, [float(s) for s in sigmas.tolist()], weights, target)
-    return {"model": type(patcher.model).__name__, "sigmas": sigmas.tolist(), "comparison": comparison(ours, theirs),
-            "rope_module": getattr(kitchen_rope, "__module__", ""), "rope_restored": flux_math.apply_rope is kitchen_rope,
+                            lambda flow, rule, x: comfy_gradients(flow, rule, x, weights.float(), target.float()))
+    theirs = gradients(flow, flow_cond, noise, weights, target)
+    return {"model": type(patcher.model).__name__, "sigmas": sigmas.tolist(), "backend_sigmas": flow.sigmas(32, 32),
+            "comparison": comparison(ours, theirs), "rope_module": getattr(kitchen_rope, "__module__", ""),
+            "rope_restored": flux_math.apply_rope is kitchen_rope,
             "without_fixes": flux_backward_without_fixes(pack, patcher.model.diffusion_model)}
 
 
