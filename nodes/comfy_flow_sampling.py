@@ -15,7 +15,8 @@ import torch
 from rectifid_core.flows.denoiser_rules import EULER_VELOCITY, CheckpointFlow
 from rectifid_core.flows.schedule import PERFLOW_PREDICTIONS, alphas_cumprod, betas_from_config
 
-STEP_RULE_KEY = "rectifid_step_rule"
+from .comfy_model import STEP_RULE_KEY
+
 # node label -> prediction type of the rule; 2-RF and InstaFlow are the same Euler velocity flow
 FLOW_KINDS = {"perflow": None, "2-rf": EULER_VELOCITY, "instaflow": EULER_VELOCITY}
 DEFAULT_WINDOWS = 4  # PeRFlow's released checkpoints and the reference scripts' num_steps for every flow

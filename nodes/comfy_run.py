@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rectifid_core.flows.denoiser import DenoiserFlow, StepRule, check_sigmas
-from rectifid_core.guidance import (AUTO_HEADROOM, GuidanceConfig, IterationInfo,
-                                    auto_guidance_scale, guide)
+from rectifid_core.guidance import (AUTO_HEADROOM, GuidanceConfig, IterationInfo, auto_guidance_scale,
+                                    fastest_fitting, guide)
 from rectifid_core.pipeline import summarize
 
 from . import comfy_bridge as bridge
@@ -76,8 +76,7 @@ def resolve_memory(memory: str, estimates: dict[str, int], device: torch.device,
     free = bridge.free_memory(device)
     if free is None:
         return AUTO_ORDER[0]
-    room = AUTO_HEADROOM * max(0, free - to_load)
-    return next((m for m in AUTO_ORDER if estimates[m] <= room), AUTO_ORDER[-1])
+    return fastest_fitting(estimates, AUTO_ORDER, AUTO_HEADROOM * max(0, free - to_load))
 
 
 def _check_latent(x: torch.Tensor, vae: Any) -> None:

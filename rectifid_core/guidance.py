@@ -244,8 +244,13 @@ def choose_memory_mode(free_bytes: int, latent_shape: tuple[int, ...], num_steps
                              "use recompute_vae or checkpoint")
     elif memory != "auto":
         raise ValueError(f"only auto and partial are chosen from the free memory, not {memory!r}")
-    need = estimate_guidance_bytes(latent_shape, num_steps, family, dtype)
-    return next((mode for mode in order if need[mode] <= headroom * free_bytes), order[-1])
+    return fastest_fitting(estimate_guidance_bytes(latent_shape, num_steps, family, dtype), order,
+                           headroom * free_bytes)
+
+
+def fastest_fitting(need: dict[str, int], order: tuple[str, ...], budget: float) -> str:
+    """The first mode of `order` (fastest first) whose estimate `need[mode]` fits `budget` bytes, else the last."""
+    return next((mode for mode in order if need[mode] <= budget), order[-1])
 
 
 def memory_family(flow: RectifiedFlow) -> str:

@@ -84,6 +84,13 @@ def scheduler_sigmas(config: dict[str, Any], num_steps: int, sigmas: list[float]
     return scheduler.sigmas.tolist(), scheduler.timesteps.tolist()
 
 
+def _cfg_half(cond: Conditioning, half: int) -> Conditioning:
+    """The negative (0) or prompt (1) half of a true-CFG conditioning ([negative, prompt] batches), without CFG."""
+    b = cond.batch
+    return Conditioning(batch=b, guidance_scale=1.0,
+                        tensors={n: t[half * b:(half + 1) * b] for n, t in cond.tensors.items()})
+
+
 class FlowMatchingFlow(RectifiedFlow):
     """A flow-matching transformer + AutoencoderKL sampled by Euler steps in sigma space.
 
@@ -249,10 +256,8 @@ class FlowMatchingFlow(RectifiedFlow):
         scale = cond.guidance_scale
         if not self.uses_cfg(scale):
             return self._transformer(z, timestep, cond.tensors, scale)
-        b = cond.batch
         if self.split_cfg and torch.is_grad_enabled():
-            uncond, positive = (self._transformer(z, timestep, {n: t[h * b:(h + 1) * b] for n, t in
-                                                               cond.tensors.items()}, scale) for h in (0, 1))
+            uncond, positive = (self._transformer(z, timestep, _cfg_half(cond, h).tensors, scale) for h in (0, 1))
         else:
             uncond, positive = self._transformer(torch.cat([z, z]), timestep, cond.tensors, scale).chunk(2)
         return cfg_combine(uncond, positive, scale)
@@ -269,13 +274,7 @@ class FlowMatchingFlow(RectifiedFlow):
         if not self.uses_cfg(cond.guidance_scale):
             raise ValueError("parallel rescaling needs the prompt direction v_cond - v_uncond, which is only "
                              "encoded with classifier-free guidance: set cfg above 1")
-        b = cond.batch
-
-        def half(h: int) -> Conditioning:
-            return Conditioning(batch=b, guidance_scale=1.0,
-                                tensors={n: t[h * b:(h + 1) * b] for n, t in cond.tensors.items()})
-
-        return self.step(z, k, half(1)) - self.step(z, k, half(0))
+        return self.step(z, k, _cfg_half(cond, 1)) - self.step(z, k, _cfg_half(cond, 0))
 
     # --- decoding -------------------------------------------------------------------------------------------
     def vae_latent(self, z: torch.Tensor) -> torch.Tensor:
